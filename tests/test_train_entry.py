@@ -1,0 +1,51 @@
+"""`torchrun -m visioncoach.train`: config errors before any model is built, and the start-up."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from visioncoach import train
+
+
+def test_config_error_exits_before_model_build(capsys, monkeypatch):
+    import visioncoach.models.policy as policy
+
+    def boom(*a, **k):
+        raise AssertionError("model built despite a config error")
+
+    monkeypatch.setattr(policy, "build_policy", boom)
+    assert train.main(["--optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "'optim.lrr'" in err and "did you mean 'optim.lr'" in err
+    assert train.main(["--rollout.top_p=1.5"]) == 2
+    assert "'rollout.top_p'" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    assert train.main(["--print-config", "--optim.lr=3e-5"]) == 0
+    dumped = yaml.safe_load(capsys.readouterr().out)
+    assert dumped["optim"]["lr"] == 3e-5 and dumped["stage"] == "sft+rl"
+
+
+@pytest.mark.dist
+def test_torchrun_two_processes_start_up(tmp_path):
+    env = dict(os.environ, PYTHONSAFEPATH="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    t0 = time.time()
+    res = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "visioncoach.train",
+         f"--output_dir={tmp_path / 'run'}"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "world size 2, backend gloo" in out
+    assert "'ranks_identical': True" in out
+    assert "attention=sdpa" in out  # no flash-attn on CPU: the fallback is logged
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["output_dir"] == str(tmp_path / "run")
+    assert time.time() - t0 < 600

@@ -1,0 +1,1 @@
+"""Bundled YAML configs: ``tiny.yaml`` (the embedded default) and the paper's settings."""

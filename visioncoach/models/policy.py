@@ -1,0 +1,67 @@
+"""Builds the policy (Qwen2.5-VL) and its processor from ``ModelConfig``."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from visioncoach.config import DataConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    """``auto``: FlashAttention-2 when flash-attn is installed and the model runs on CUDA,
+    else PyTorch sdpa. An explicit flash_attention_2 without flash-attn is an error."""
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if (has_fa and device.type == "cuda") else "sdpa"
+    if requested == "flash_attention_2" and not has_fa:
+        raise ImportError("config key 'model.attn_implementation' is flash_attention_2 but flash-attn "
+                          "is not installed (GPU machines: pip install '.[gpu]'); use auto or sdpa")
+    return requested
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
+
+
+def build_policy(cfg: ModelConfig, data: DataConfig, device: torch.device, seed: int = 0):
+    """(model, processor, info). ``cfg.path`` empty = tiny random-weight model (seeded)."""
+    from visioncoach.models.tiny import build_processor, build_tiny_model
+
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.path:
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        path = Path(cfg.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"config key 'model.path': {path} is not a local checkpoint folder "
+                                    "(nothing is downloaded at run time)")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True,
+                                                  min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+        kind = str(path)
+    else:
+        t = cfg.tiny
+        model = build_tiny_model(seed=seed, dtype=dtype, hidden_size=t.hidden_size,
+                                 num_layers=t.num_layers, num_heads=t.num_heads,
+                                 num_kv_heads=t.num_kv_heads, vision_depth=t.vision_depth,
+                                 vision_hidden_size=t.vision_hidden_size, attn_implementation=attn)
+        processor = build_processor(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+        kind = "tiny random-weight Qwen2.5-VL"
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    info = {"model": kind, "attn_implementation": model.config._attn_implementation,
+            "dtype": str(dtype).removeprefix("torch."),
+            "params": sum(p.numel() for p in model.parameters())}
+    log.info("policy: %(model)s, %(params)d parameters, %(dtype)s, attention=%(attn_implementation)s", info)
+    return model, processor, info
