@@ -1,0 +1,150 @@
+"""Frame sampling (visioncoach.data.decode) on synthetic clips whose frames encode their index,
+and on the real sample videos."""
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from visioncoach.data import decode as D
+
+VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+STEP = 6  # grey level per frame index: survives lossy coding (+-2) and identifies the frame
+
+
+def write_clip(path, n, fps=10, size=(64, 48), codec="libx264", pix_fmt="yuv420p", pts=None,
+               options=None, container_options=None):
+    """A clip whose frame i is uniformly grey (STEP * i); ``pts`` in milliseconds gives VFR."""
+    import av
+
+    w, h = size
+    with av.open(str(path), "w", options=container_options or {}) as out:
+        s = out.add_stream(codec, rate=fps, options=options or {})
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        if pts is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        for i in range(n):
+            arr = np.full((h, w, 3), STEP * i, dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            if pts is not None:
+                frame.pts = pts[i]
+                frame.time_base = Fraction(1, 1000)
+            for packet in s.encode(frame):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    return path
+
+
+def frame_ids(clip):
+    return [round(float(f.float().mean()) / STEP) for f in clip.frames]
+
+
+@pytest.fixture(scope="module")
+def clip40(tmp_path_factory):
+    # 40 frames at 10 fps with a keyframe every 8 frames, so seeking is exercised.
+    return write_clip(tmp_path_factory.mktemp("v") / "c40.mp4", 40, options={"g": "8"})
+
+
+def test_uniform_frames_are_the_ones_on_screen(clip40):
+    clip = D.decode(clip40, nframes=8)
+    # Centres of 8 segments of 4 s: 0.25, 0.75, ...; frame on screen at t is floor(10 t).
+    assert frame_ids(clip) == [int(10 * (4 * (i + 0.5) / 8)) for i in range(8)]
+    assert torch.allclose(clip.times, torch.tensor(frame_ids(clip), dtype=torch.float64) / 10)
+    assert clip.frames.dtype == torch.uint8 and clip.frames.shape == (8, 48, 64, 3)
+    assert not clip.is_key.any()
+    assert clip.duration == pytest.approx(4.0, abs=0.11)
+
+
+def test_key_frames_inserted_in_time_order(clip40):
+    clip = D.decode(clip40, nframes=4, key_times=[3.33, 0.05, 1.5])
+    ids = frame_ids(clip)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert [i for i, k in zip(ids, clip.is_key.tolist()) if k] == [0, 15, 33]
+    # A key time on a uniform frame (0.5 s = frame 5, uniform centre of 4 segments) is not
+    # duplicated: the frame is marked key instead.
+    clip = D.decode(clip40, nframes=4, key_times=[0.55])
+    assert frame_ids(clip) == [5, 15, 25, 35] and clip.is_key.tolist() == [True, False, False, False]
+
+
+def test_seeking_and_sequential_decoding_agree(clip40, monkeypatch):
+    monkeypatch.setattr(D, "_SEEK_GAP_S", 0.0)   # seek for every target
+    seek = D.decode(clip40, nframes=16, key_times=[2.71])
+    monkeypatch.setattr(D, "_SEEK_GAP_S", 1e9)   # one forward pass
+    seq = D.decode(clip40, nframes=16, key_times=[2.71])
+    assert torch.equal(seek.frames, seq.frames) and torch.equal(seek.times, seq.times)
+    assert frame_ids(seq) == sorted(set([int(10 * 4 * (i + 0.5) / 16) for i in range(16)] + [27]))
+
+
+def test_short_video_gives_each_frame_once(tmp_path):
+    clip = D.decode(write_clip(tmp_path / "short.mp4", 3), nframes=16)
+    assert frame_ids(clip) == [0, 1, 2]
+
+
+def test_variable_frame_rate(tmp_path):
+    pts = [0, 100, 150, 900, 1000, 1900]  # ms: bursts and gaps
+    path = write_clip(tmp_path / "vfr.mkv", len(pts), pts=pts)
+    clip = D.decode(path, nframes=2, key_times=[0.12, 0.95])
+    # Targets 0.12 -> frame at 0.1; 0.95 -> frame at 0.9; uniform centres of the real duration.
+    shown = {round(t, 2): i for t, i in zip(clip.times.tolist(), frame_ids(clip))}
+    assert shown[0.1] == 1 and shown[0.9] == 3
+    assert clip.is_key.sum() == 2
+
+
+def test_lying_frame_count_never_hangs(tmp_path):
+    # moov first (faststart) then a truncated mdat: the header claims 40 frames, about half exist.
+    path = write_clip(tmp_path / "full.mp4", 40, size=(128, 96), options={"g": "5"},
+                      container_options={"movflags": "faststart"})
+    data = path.read_bytes()
+    mdat = data.index(b"mdat") - 4  # top-level box: 4-byte size, then the type
+    assert data.index(b"moov") < mdat
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: mdat + 2 * (len(data) - mdat) // 3])
+    import av
+
+    with av.open(str(cut)) as c:
+        assert c.streams.video[0].frames == 40  # the lie
+    clip = D.decode(cut, nframes=16, key_times=[3.9])
+    ids = frame_ids(clip)
+    assert ids == sorted(ids) and len(ids) >= 2 and ids[-1] < 30
+    assert clip.is_key.any()  # the key time past the real end maps to the last decodable frame
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 1000, b"not a video at all" * 50])
+def test_corrupt_file_is_a_clear_error(tmp_path, content):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(content)
+    with pytest.raises(D.DecodeError) as err:
+        D.decode(bad)
+    assert str(bad) in str(err.value) and err.value.path == str(bad)
+
+
+def test_missing_file_and_bad_key_time(tmp_path, clip40):
+    with pytest.raises(D.DecodeError, match="file not found"):
+        D.decode(tmp_path / "nope.mp4")
+    with pytest.raises(D.DecodeError, match="key frame time"):
+        D.decode(clip40, key_times=[float("nan")])
+    with pytest.raises(ValueError, match="backend"):
+        D.decode(clip40, backend="decord")
+
+
+def test_odd_resolution_and_max_side(tmp_path):
+    path = write_clip(tmp_path / "odd.avi", 10, size=(97, 61), codec="mjpeg", pix_fmt="yuvj444p")
+    clip = D.decode(path, nframes=4)
+    assert clip.frames.shape == (4, 61, 97, 3)
+    small = D.decode(path, nframes=4, max_side=48)
+    assert max(small.frames.shape[1:3]) == 48
+    assert frame_ids(small) == frame_ids(clip)
+
+
+@pytest.mark.parametrize("name, size, duration", [("bikes.mp4", (272, 640), 10.0), ("cup.mp4", (480, 640), 8.1)])
+def test_real_videos(name, size, duration):
+    clip = D.decode(VIDEOS / name, nframes=16, key_times=[1.0, 5.5])
+    assert clip.frames.shape[1:] == (*size, 3) and 16 <= len(clip) <= 18
+    assert torch.all(clip.times[1:] > clip.times[:-1])
+    assert clip.times[-1] < duration and clip.is_key.sum() == 2
+    assert clip.duration == pytest.approx(duration, abs=0.1)
+    # Distinct moments of real footage differ.
+    assert not torch.equal(clip.frames[0], clip.frames[-1])

@@ -1,0 +1,217 @@
+"""Frame sampling from video files: uniform frames plus the sample's annotated key frames.
+
+CPU path: PyAV with seeking, sampled by *time*, never by frame index. Containers over-report
+frame counts (the reference stack's decoder deadlocks on exactly that with
+``linspace(0, n - 1, k)`` indices), frame rates vary, and streams end early; timestamps are the
+one thing every decodable frame carries. Each target time takes the first frame whose
+presentation interval covers it (the last frame for times past the real end), so a lying
+header can cost accuracy in where the uniform grid falls, never a hang.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class DecodeError(RuntimeError):
+    """A video that cannot be decoded; carries the path so a data loader can count and skip it."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot decode video {self.path}: {reason}")
+
+
+@dataclass
+class DecodedClip:
+    frames: torch.Tensor   # [F, H, W, 3] uint8 RGB
+    times: torch.Tensor    # [F] float64 seconds (presentation times of the decoded frames)
+    is_key: torch.Tensor   # [F] bool: frame was requested as an annotated key frame
+    duration: float        # seconds, from the decoded stream (not the header's claim)
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def uniform_times(duration: float, n: int) -> list[float]:
+    """Centres of n equal segments of [0, duration): no frame sits on the unreliable last pts."""
+    if n <= 0 or duration <= 0:
+        return []
+    return [duration * (i + 0.5) / n for i in range(n)]
+
+
+def _frame_time(frame, time_base) -> float | None:
+    pts = frame.pts if frame.pts is not None else frame.dts
+    return None if pts is None else float(pts * time_base)
+
+
+# Seeking costs a keyframe's worth of decoding; below this gap decoding forward is cheaper.
+_SEEK_GAP_S = 1.0
+
+
+def decode_pyav(path: str | Path, nframes: int = 16, key_times: Sequence[float] = (),
+                max_side: int | None = None) -> DecodedClip:
+    """Decode ``nframes`` uniform frames plus key frames (by time) with PyAV.
+
+    Uniform frames cover the whole video; key frames are added at their annotated times and
+    the result is in time order. A target that lands on a frame already taken is not
+    duplicated (a key time on a uniform frame marks that frame as key), so short videos give
+    fewer than ``nframes`` frames. ``max_side`` downscales on decode (aspect kept).
+    Raises ``DecodeError`` for missing, unreadable or frameless files.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise DecodeError(path, "file not found")
+    for kt in key_times:
+        if not math.isfinite(kt) or kt < 0:
+            raise DecodeError(path, f"key frame time {kt!r} is not a finite non-negative number")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        raise DecodeError(path, f"not a readable container ({exc})") from None
+    try:
+        if not container.streams.video:
+            raise DecodeError(path, "no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        tb = stream.time_base
+        start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+        header = (float(stream.duration * tb) if stream.duration
+                  else (container.duration / 1e6 if container.duration else 0.0))
+        # The header may lie (truncated files, wrong metadata); it only places the grid.
+        duration = header if header > 0 else _probe_duration(container, stream, start)
+        if duration <= 0:
+            raise DecodeError(path, "no decodable frames")
+        targets = [(t, False) for t in uniform_times(duration, nframes)]
+        targets += [(float(t), True) for t in key_times]
+        targets.sort(key=lambda x: x[0])
+        picked = _decode_at(container, stream, [start + t for t, _ in targets], max_side)
+        if not picked:
+            raise DecodeError(path, "no decodable frames")
+    except av.error.FFmpegError as exc:
+        raise DecodeError(path, f"decoder error ({exc})") from None
+    finally:
+        container.close()
+
+    frames, times, keys = [], [], []
+    for (t, is_key), (ft, arr) in zip(targets, picked):
+        if times and abs(ft - start - times[-1]) < 1e-9:
+            keys[-1] = keys[-1] or is_key  # same decoded frame: keep one, remember it is key
+            continue
+        frames.append(arr)
+        times.append(ft - start)
+        keys.append(is_key)
+    last = max(ft for ft, _ in picked) - start
+    return DecodedClip(
+        frames=torch.from_numpy(np.stack(frames)),
+        times=torch.tensor(times, dtype=torch.float64),
+        is_key=torch.tensor(keys, dtype=torch.bool),
+        duration=max(duration if header > 0 and last >= 0.5 * duration else last, last),
+    )
+
+
+def _probe_duration(container, stream, start: float) -> float:
+    """Last frame time when the header has no duration (rare: raw streams)."""
+    last = None
+    for frame in _robust_frames(container, stream):
+        t = _frame_time(frame, stream.time_base)
+        if t is not None:
+            last = t
+    container.seek(0)
+    return 0.0 if last is None else last - start + 1e-3
+
+
+def _robust_frames(container, stream):
+    """Decoded frames, skipping packets the decoder rejects and stopping at a broken tail.
+
+    Real files have corrupt packets and truncated ends; one bad packet must cost one frame,
+    not the video.
+    """
+    import av
+
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.error.FFmpegError:
+            return  # unreadable container tail: what was decoded stands
+        try:
+            yield from packet.decode()
+        except av.error.FFmpegError:
+            continue
+
+
+def _to_array(frame, max_side: int | None) -> np.ndarray:
+    if max_side and max(frame.width, frame.height) > max_side:
+        scale = max_side / max(frame.width, frame.height)
+        frame = frame.reformat(width=max(2, round(frame.width * scale)),
+                               height=max(2, round(frame.height * scale)))
+    return frame.to_ndarray(format="rgb24")
+
+
+def _decode_at(container, stream, targets: list[float], max_side: int | None):
+    """(frame time, RGB array) for each sorted target time (absolute stream seconds).
+
+    The frame for time tau is the one on screen at tau: the last frame starting at or before
+    tau (the first frame if tau precedes it, the last decodable one past the end). Decoding
+    runs forward between nearby targets and seeks across gaps longer than ``_SEEK_GAP_S``.
+    """
+    tb = stream.time_base
+    out: list[tuple[float, np.ndarray]] = []
+    # id(frame) -> (frame, array); holding the frame keeps its id from being reused.
+    arrays: dict[int, tuple[object, np.ndarray]] = {}
+    it = None
+    last = None      # (t, frame): latest decoded frame with t <= the current target
+    ahead = None     # (t, frame): decoded frame past the current target, kept for the next one
+    exhausted = False
+
+    def pull():
+        for frame in it:
+            t = _frame_time(frame, tb)
+            if t is not None:
+                return (t, frame)
+        return None
+
+    for target in targets:
+        if not exhausted:
+            pos = ahead[0] if ahead is not None else (last[0] if last is not None else -math.inf)
+            if it is None or target - pos > _SEEK_GAP_S:
+                container.seek(max(0, int(target / tb)), stream=stream, backward=True, any_frame=False)
+                it = _robust_frames(container, stream)
+                last = ahead = None
+            while True:
+                if ahead is not None:
+                    if ahead[0] > target:
+                        break
+                    last, ahead = ahead, None
+                nxt = pull()
+                if nxt is None:
+                    exhausted = True
+                    break
+                ahead = nxt
+        chosen = last if last is not None else ahead
+        if chosen is None:
+            break  # nothing decodable at or after this point
+        key = id(chosen[1])
+        if key not in arrays:
+            arrays[key] = (chosen[1], _to_array(chosen[1], max_side))
+        out.append((chosen[0], arrays[key][1]))
+    return out
+
+
+def decode(path: str | Path, nframes: int = 16, key_times: Sequence[float] = (),
+           backend: str = "auto", max_side: int | None = None) -> DecodedClip:
+    """Frames of one video (see ``decode_pyav``). ``backend``: ``auto`` or ``pyav``."""
+    if backend not in ("auto", "pyav"):
+        raise ValueError(f"decoder backend must be 'auto' or 'pyav', got {backend!r}")
+    return decode_pyav(path, nframes=nframes, key_times=key_times, max_side=max_side)
