@@ -1,0 +1,129 @@
+"""Data flow stage 3: decoded (and VP-rendered) frames -> Qwen2.5-VL model inputs.
+
+Everything runs on the device the frames are on: resize (Qwen's smart-resize to multiples of
+28, bicubic with antialiasing, as transformers' processor), then one native op
+(``visioncoach.ops.patchify_normalize``) for rescale + normalise + patch layout, and the
+token sequence is built by expanding each vision placeholder to its merged-patch count.
+Two layouts:
+
+* ``frames`` (default; the reference work's): each frame is an image preceded by
+  "Frame i at T s:", then "The video is in total N seconds.", then the question.
+  Timestamps are explicit text, which is what published checkpoints were trained on.
+* ``video``: Qwen2.5-VL's native video input (frames paired along the temporal patch, with
+  time-aligned M-RoPE position ids via ``second_per_grid_ts``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from visioncoach import ops
+from visioncoach.prompts import SYSTEM_PROMPT, format_time
+
+PATCH, MERGE, TEMPORAL = 14, 2, 2
+FACTOR = PATCH * MERGE
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2.5-VL's resize rule (transformers' implementation): multiples of 28, pixel budget."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as _sr
+
+    return _sr(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def resize_frames(frames: torch.Tensor, min_pixels: int, max_pixels: int) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> uint8 [F, h, w, 3] with h, w multiples of 28, on the same device."""
+    f, h, w, _ = frames.shape
+    rh, rw = smart_resize(h, w, min_pixels, max_pixels)
+    if (rh, rw) == (h, w):
+        return frames
+    chw = frames.permute(0, 3, 1, 2)                                     # [F, 3, H, W]
+    out = TF.resize(chw, [rh, rw], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return out.permute(0, 2, 3, 1).contiguous()
+
+
+@dataclass
+class ModelInputs:
+    """Tensors for ``Qwen2_5_VLForConditionalGeneration`` (batch of one prompt) + metadata."""
+    tensors: dict[str, torch.Tensor]
+    frame_size: tuple[int, int]   # [W, H] of the frames the model sees: the boxes' pixel space
+    num_vision_tokens: int
+
+    def to(self, device) -> "ModelInputs":
+        return ModelInputs({k: v.to(device) for k, v in self.tensors.items()}, self.frame_size,
+                           self.num_vision_tokens)
+
+
+def build_inputs(frames: torch.Tensor, times: torch.Tensor, duration: float, user_text: str,
+                 tokenizer, *, layout: str = "frames", min_pixels: int = 3136,
+                 max_pixels: int = 100352, system_prompt: str = SYSTEM_PROMPT,
+                 add_generation_prompt: bool = True, dtype: torch.dtype = torch.float32) -> ModelInputs:
+    """Model inputs for one clip and question.
+
+    frames: uint8 [F, H, W, 3] (any device); times: [F] seconds; user_text: question with hint
+    and answer format (``visioncoach.prompts.user_text``).
+    """
+    if layout not in ("frames", "video"):
+        raise ValueError(f"layout must be 'frames' or 'video', got {layout!r}")
+    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {tuple(frames.shape)} {frames.dtype}")
+    n = frames.shape[0]
+    if n == 0 or times.shape[0] != n:
+        raise ValueError(f"need >= 1 frame and one time per frame, got {n} frames, {times.shape[0]} times")
+    resized = resize_frames(frames, min_pixels, max_pixels)             # [F, h, w, 3]
+    h, w = resized.shape[1:3]
+    gh, gw = h // PATCH, w // PATCH
+    per_image = gh * gw // (MERGE * MERGE)
+    times_l = [float(t) for t in times]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if layout == "frames":
+        # Each frame is a still image: repeated over the temporal patch, as the processor does.
+        pixels = ops.patchify_normalize(resized.repeat_interleave(TEMPORAL, 0), dtype=dtype)
+        content = []
+        for i, t in enumerate(times_l):
+            content += [{"type": "text", "text": f"Frame {i + 1} at {format_time(t)}s:"},
+                        {"type": "image"}]
+        content.append({"type": "text", "text": f"The video is in total {format_time(duration)} seconds. "
+                                                 f"{user_text}"})
+        pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        counts = [per_image] * n
+        grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.int64)
+        tensors = {"pixel_values": pixels, "image_grid_thw": grid.to(frames.device)}
+        type_id = 1
+    else:
+        if n % TEMPORAL:
+            resized = torch.cat([resized, resized[-1:]], 0)  # pad to the temporal patch, as HF does
+        gt = resized.shape[0] // TEMPORAL
+        pixels = ops.patchify_normalize(resized, dtype=dtype)
+        content = [{"type": "video"},
+                   {"type": "text", "text": f"The video is in total {format_time(duration)} seconds. "
+                                            f"{user_text}"}]
+        pad_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        counts = [gt * per_image]
+        # Seconds per temporal patch: the frames' mean spacing times the patch depth.
+        spacing = (times_l[-1] - times_l[0]) / (n - 1) if n > 1 else 1.0
+        tensors = {"pixel_values_videos": pixels,
+                   "video_grid_thw": torch.tensor([[gt, gh, gw]], device=frames.device),
+                   "second_per_grid_ts": torch.tensor([TEMPORAL * max(spacing, 1e-3)],
+                                                      device=frames.device)}
+        type_id = 2
+    messages = system + [{"role": "user", "content": content}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    expanded, types, k = [], [], 0
+    for tok in ids:
+        if tok == pad_id:
+            expanded += [pad_id] * counts[k]
+            types += [type_id] * counts[k]
+            k += 1
+        else:
+            expanded.append(tok)
+            types.append(0)
+    input_ids = torch.tensor([expanded], dtype=torch.int64, device=frames.device)
+    tensors.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                   mm_token_type_ids=torch.tensor([types], dtype=torch.int64, device=frames.device))
+    return ModelInputs(tensors, (w, h), sum(counts))
