@@ -34,7 +34,8 @@ def test_print_config(capsys):
 
 @pytest.mark.dist
 def test_torchrun_two_processes_start_up(tmp_path):
-    env = dict(os.environ, PYTHONSAFEPATH="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONSAFEPATH="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               VISIONCOACH_CACHE=str(tmp_path / "cache"))
     torchrun = Path(sys.executable).with_name("torchrun")
     t0 = time.time()
     res = subprocess.run(
@@ -46,6 +47,11 @@ def test_torchrun_two_processes_start_up(tmp_path):
     assert "world size 2, backend gloo" in out
     assert "'ranks_identical': True" in out
     assert "attention=sdpa" in out  # no flash-attn on CPU: the fallback is logged
+    # The synthetic dataset was generated (by rank 0 only) and its first sample went through
+    # decode -> model inputs -> forward/backward.
+    assert "64 records" in out and "'sample': 'synthetic-00000'" in out
+    assert "'frame_size': (112, 84)" in out
+    assert len(list((tmp_path / "cache").glob("synthetic-*"))) == 1
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["output_dir"] == str(tmp_path / "run")
     assert time.time() - t0 < 600

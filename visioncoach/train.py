@@ -1,10 +1,12 @@
 """Entry point: ``torchrun --nproc_per_node=N -m visioncoach.train [--config FILE] [--key=value ...]``.
 
 Today this runs the start-up that every training run goes through: config validation (before
-any model is built), the process group, the policy and processor, and a preflight that checks
-that every rank built identical weights and that a forward/backward pass on a synthetic clip
-works on this machine. The SFT and RL stages (VisionCoach Algorithm 1) are not implemented
-yet; the run says so and exits after the preflight.
+any model is built), the process group, the dataset (the bundled synthetic one is generated
+on first use) validated up front, the policy and processor, and a preflight that checks that
+every rank built identical weights and that the data path works end to end on this machine:
+the first sample is decoded, turned into model inputs and run forward and backward. The SFT
+and RL stages (VisionCoach Algorithm 1) are not implemented yet; the run says so and exits
+after the preflight.
 """
 
 from __future__ import annotations
@@ -50,9 +52,31 @@ def param_checksum(model: torch.nn.Module) -> torch.Tensor:
     return s
 
 
-def preflight(model, processor, dist_info, seed: int) -> dict:
-    """Checks every rank holds the same weights and that forward/backward run on this machine."""
+def prepare_dataset(cfg, dist_info):
+    """The STGR dataset of ``data.dataset``; rank 0 generates the synthetic one first."""
     import torch.distributed as dist
+
+    from visioncoach.data.stgr import load_stgr
+    from visioncoach.data.synthetic import ensure_synthetic
+
+    if cfg.data.dataset == "synthetic":
+        if dist_info.is_main:
+            ensure_synthetic(cfg.data.synthetic_samples, cfg.seed)
+        if dist_info.backend is not None:
+            dist.barrier()
+        path = ensure_synthetic(cfg.data.synthetic_samples, cfg.seed)
+    else:
+        path = cfg.data.dataset
+    return load_stgr(path, cfg.data.video_root or None, sft=cfg.stage != "rl")
+
+
+def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
+    """Checks every rank holds the same weights and that the data path runs end to end."""
+    import torch.distributed as dist
+
+    from visioncoach.data.decode import decode
+    from visioncoach.processor import build_inputs
+    from visioncoach.prompts import user_text
 
     checksum = param_checksum(model)
     if dist_info.backend is not None:
@@ -62,16 +86,16 @@ def preflight(model, processor, dist_info, seed: int) -> dict:
             if not torch.allclose(other, checksum, rtol=1e-12, atol=0):
                 raise RuntimeError(f"rank {r} built different weights than rank {dist_info.rank} "
                                    f"(checksums {other.tolist()} vs {checksum.tolist()})")
-    gen = torch.Generator().manual_seed(seed)
-    # 4 frames of 56x84: a clip small enough for any machine, big enough to use every block.
-    clip = torch.randint(0, 256, (4, 3, 56, 84), dtype=torch.uint8, generator=gen)
-    messages = [{"role": "user", "content": [{"type": "video"},
-                                             {"type": "text", "text": "What is in the video?"}]}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], videos=[clip], return_tensors="pt",
-                       videos_kwargs={"do_sample_frames": False})
-    device = dist_info.device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    rec = dataset.records[0]
+    t0 = time.perf_counter()
+    clip = decode(dataset.video(0), nframes=cfg.data.nframes,
+                  key_times=[kf["time"] for kf in rec.get("key_frames") or []])
+    model_inputs = build_inputs(clip.frames.to(dist_info.device), clip.times, clip.duration,
+                                user_text(rec["question"], rec["task"]), tokenizer,
+                                layout=cfg.data.layout, min_pixels=cfg.data.min_pixels,
+                                max_pixels=cfg.data.max_pixels)
+    data_s = time.perf_counter() - t0
+    inputs = model_inputs.tensors
     t0 = time.perf_counter()
     out = model(**inputs, labels=inputs["input_ids"])
     out.loss.backward()
@@ -80,8 +104,10 @@ def preflight(model, processor, dist_info, seed: int) -> dict:
     loss = float(out.loss.detach())  # start-up only: the training loop never syncs per step
     if not torch.isfinite(torch.tensor(loss)):
         raise RuntimeError(f"preflight forward gave a non-finite loss ({loss})")
-    return {"ranks_identical": True, "param_sum": checksum[0].item(), "loss": loss,
-            "fwd_bwd_s": round(elapsed, 3), "tokens": int(inputs["input_ids"].numel())}
+    return {"ranks_identical": True, "param_sum": checksum[0].item(), "sample": rec["id"],
+            "frames": len(clip), "frame_size": model_inputs.frame_size,
+            "tokens": int(inputs["input_ids"].numel()), "decode_prep_s": round(data_s, 3),
+            "loss": loss, "fwd_bwd_s": round(elapsed, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(cfg.output_dir)
         if dist_info.is_main:
             _write_atomic(out_dir / "config.yaml", config_lib.to_yaml(cfg))
+        dataset = prepare_dataset(cfg, dist_info)
+        log.info("dataset %s: %d records (%d skipped: video missing)", dataset.path, len(dataset),
+                 len(dataset.missing_videos))
         model, processor, info = build_policy(cfg.model, cfg.data, dist_info.device, seed=cfg.seed)
-        report = preflight(model, processor, dist_info, cfg.seed)
+        report = preflight(model, processor.tokenizer, dataset, cfg, dist_info)
         log.info("preflight: %s", report)
         log.info("stage %r: the SFT and RL training stages are not implemented yet; "
                  "this run stops after start-up and preflight (resolved config in %s)",

@@ -1,0 +1,105 @@
+"""The synthetic grounded-video dataset and the STGR reader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from visioncoach.data import stgr, synthetic
+from visioncoach.data.decode import decode
+from visioncoach.rewards import RewardConfig, score
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return synthetic.ensure_synthetic(n=12, seed=0, cache=tmp_path_factory.mktemp("cache"))
+
+
+def test_generator_is_deterministic(synth, tmp_path):
+    again = synthetic.generate(tmp_path / "again", n=12, seed=0)
+    assert json.loads(again.read_text()) == json.loads(synth.read_text())
+    a = decode(synth.parent / "videos" / "00003.mp4", nframes=6)
+    b = decode(again.parent / "videos" / "00003.mp4", nframes=6)
+    assert torch.equal(a.frames, b.frames)
+    other = synthetic.generate(tmp_path / "other", n=12, seed=1)
+    assert json.loads(other.read_text()) != json.loads(synth.read_text())
+
+
+def test_every_task_type_and_cache_reuse(synth):
+    recs = json.loads(synth.read_text())
+    assert {r["task"] for r in recs} == set(synthetic.TASKS)
+    assert synthetic.ensure_synthetic(n=12, seed=0, cache=synth.parent.parent) == synth
+    assert not list(synth.parent.parent.glob(".synthetic-*"))  # no half-written leftovers
+
+
+def test_annotation_boxes_cover_the_shapes(synth):
+    """A box drawn from the annotation covers the object's pixels in the decoded key frame."""
+    ds = stgr.load_stgr(synth)
+    for i, rec in enumerate(ds.records):
+        times = [kf["time"] for kf in rec["key_frames"]]
+        clip = decode(ds.video(i), nframes=2, key_times=times)
+        keys = clip.frames[clip.is_key].numpy().astype(int)                 # [K, H, W, 3]
+        for kf, frame in zip(rec["key_frames"], keys):
+            objects = rec["key_items"][str(kf["idx"])]
+            for name, boxes in objects.items():
+                color = np.array(synthetic.COLORS[name.split()[0]])
+                near = np.abs(frame - color).max(-1) < 40                   # the object's pixels
+                x1, y1, x2, y2 = (np.array(boxes[0]) * [112, 84, 112, 84]).round().astype(int)
+                inside = np.zeros_like(near)
+                inside[y1:y2, x1:x2] = True
+                # The object's colour never extends past its box (1 px of codec blur allowed);
+                # the object drawn last (never occluded) fills most of it (a disc: pi/4).
+                grown = np.zeros_like(near)
+                grown[max(0, y1 - 1):y2 + 1, max(0, x1 - 1):x2 + 1] = True
+                assert near[~grown].sum() == 0, (rec["id"], name)
+                if name == list(objects)[-1]:
+                    assert near[inside].sum() >= 0.6 * (x2 - x1) * (y2 - y1), (rec["id"], name)
+
+
+def test_reference_reasoning_scores_full_rewards(synth):
+    recs = json.loads(synth.read_text())
+    for r in recs:
+        r["frame_size"] = [synthetic.WIDTH, synthetic.HEIGHT]
+    out = score([r["reasoning_process"] for r in recs], recs, RewardConfig(), progress=1.0)
+    assert torch.equal(out["total"], torch.full((len(recs),), 4.0))
+
+
+def test_load_stgr_reports_all_problems_with_lines(tmp_path, synth):
+    recs = json.loads(synth.read_text())[:4]
+    del recs[1]["question"]
+    recs[2]["key_frames"] = [{"idx": "3", "time": 1.0}]
+    recs[3]["id"] = recs[0]["id"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(recs, indent=1))
+    with pytest.raises(stgr.DatasetError) as err:
+        stgr.load_stgr(bad, synth.parent)
+    problems = err.value.problems
+    assert len(problems) == 3
+    lines = bad.read_text().splitlines()
+    for p, fragment in zip(problems, ["'question' is required", "key_frames[0].idx", "duplicate id"]):
+        assert fragment in p
+        n = int(p.split(":")[1])
+        assert lines[n - 1].strip() == "{"  # the line where that record starts
+    # JSONL: the same, one record per line
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in recs) + "\n{broken\n")
+    with pytest.raises(stgr.DatasetError, match=r"bad.jsonl:5: invalid JSON"):
+        stgr.load_stgr(jl, synth.parent)
+
+
+def test_missing_videos_are_counted_not_fatal(tmp_path, synth):
+    recs = json.loads(synth.read_text())
+    recs[0]["video_path"] = "videos/nope.mp4"
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs))
+    ds = stgr.load_stgr(f, synth.parent)
+    assert len(ds) == len(recs) - 1 and len(ds.missing_videos) == 1
+    with pytest.raises(stgr.DatasetError, match="not found"):
+        stgr.load_stgr(f, synth.parent, strict=True)
+    with pytest.raises(stgr.DatasetError, match="'reasoning_process' is required"):
+        json_no_sft = tmp_path / "nosft.json"
+        json_no_sft.write_text(json.dumps([{k: v for k, v in recs[1].items() if k != "reasoning_process"}]))
+        stgr.load_stgr(json_no_sft, synth.parent, sft=True)
+    with pytest.raises(FileNotFoundError, match="data.dataset"):
+        stgr.load_stgr(tmp_path / "absent.json")
