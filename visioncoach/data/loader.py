@@ -1,0 +1,134 @@
+"""Data flow stage 1 for training: records -> decoded clips, in worker processes.
+
+Decoding runs in DataLoader workers (PyAV on CPU); a sample whose video cannot be decoded is
+returned as a ``SampleFailure`` instead of raising, so one bad file costs one sample, never
+the epoch: the training loop counts failures and logs them. Sharding across ranks is
+deterministic in (seed, epoch), so a resumed run sees the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from visioncoach.data.decode import DecodeError, decode
+from visioncoach.data.stgr import STGRDataset
+
+
+@dataclass
+class ClipSample:
+    index: int
+    record: dict
+    frames: torch.Tensor   # [F, H, W, 3] uint8, original resolution (resized on the device later)
+    times: torch.Tensor    # [F] float64 seconds
+    is_key: torch.Tensor   # [F] bool
+    duration: float
+
+
+@dataclass
+class SampleFailure:
+    index: int
+    id: str
+    reason: str
+
+
+class ClipDataset(Dataset):
+    """Decodes ``nframes`` uniform frames + the record's key frames for each record."""
+
+    def __init__(self, data: STGRDataset, nframes: int, backend: str = "auto",
+                 max_side: int | None = None):
+        self.data, self.nframes, self.backend, self.max_side = data, nframes, backend, max_side
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> ClipSample | SampleFailure:
+        rec = self.data.records[i]
+        try:
+            clip = decode(self.data.video(i), nframes=self.nframes,
+                          key_times=[kf["time"] for kf in rec.get("key_frames") or []],
+                          backend=self.backend, max_side=self.max_side)
+        except DecodeError as exc:
+            return SampleFailure(i, rec["id"], exc.reason)
+        return ClipSample(i, rec, clip.frames, clip.times, clip.is_key, clip.duration)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``rank`` of ``world`` takes every world-th index of a (seed, epoch) permutation.
+
+    Every rank gets the same number of indices (the permutation is padded by wrapping), so
+    collective steps never wait on a rank that ran out of data.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} not in [0, {world})")
+        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = len(self) * self.world
+        order = (order * math.ceil(total / max(self.n, 1)))[:total]
+        return iter(order[self.rank::self.world])
+
+
+def _keep_list(batch):
+    return batch
+
+
+def make_loader(dataset: ClipDataset, *, batch_size: int, rank: int = 0, world: int = 1,
+                shuffle: bool = True, seed: int = 0, num_workers: int = 2) -> DataLoader:
+    """DataLoader yielding lists of ``ClipSample | SampleFailure`` (split with ``split_failures``)."""
+    sampler = ShardSampler(len(dataset), rank, world, shuffle, seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=_keep_list, persistent_workers=num_workers > 0,
+                      prefetch_factor=2 if num_workers > 0 else None)
+
+
+class FailureCounter:
+    """Counts skipped samples by reason; ``summary()`` for the logs."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_reason: Counter = Counter()
+        self.first: list[SampleFailure] = []
+
+    def add(self, failure: SampleFailure) -> None:
+        self.total += 1
+        self.by_reason[failure.reason.split(" (")[0]] += 1
+        if len(self.first) < 5:
+            self.first.append(failure)
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no samples skipped"
+        reasons = ", ".join(f"{r}: {n}" for r, n in self.by_reason.most_common())
+        return f"{self.total} sample(s) skipped ({reasons}); first: " + "; ".join(
+            f"{f.id} ({f.reason})" for f in self.first)
+
+
+def split_failures(batch: list, counter: FailureCounter) -> list[ClipSample]:
+    """The decodable samples of a batch; failures go to ``counter``."""
+    good = []
+    for item in batch:
+        if isinstance(item, SampleFailure):
+            counter.add(item)
+        else:
+            good.append(item)
+    return good
