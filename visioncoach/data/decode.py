@@ -209,9 +209,36 @@ def _decode_at(container, stream, targets: list[float], max_side: int | None):
     return out
 
 
+def _dali_gpu_available() -> bool:
+    """CUDA is usable and nvidia.dali imports: the condition for ``backend="auto"`` to use DALI."""
+    if not torch.cuda.is_available():
+        return False
+    from .dali import dali_available
+
+    return dali_available()
+
+
 def decode(path: str | Path, nframes: int = 16, key_times: Sequence[float] = (),
            backend: str = "auto", max_side: int | None = None) -> DecodedClip:
-    """Frames of one video (see ``decode_pyav``). ``backend``: ``auto`` or ``pyav``."""
-    if backend not in ("auto", "pyav"):
-        raise ValueError(f"decoder backend must be 'auto' or 'pyav', got {backend!r}")
+    """Frames of one video (see ``decode_pyav``); ``backend``: ``auto``, ``pyav`` or ``dali``.
+
+    ``dali`` decodes with NVIDIA DALI (``visioncoach.data.dali.decode_dali``, same frames and
+    times as PyAV): NVDEC on the current CUDA device with frames returned on the GPU, or DALI's
+    CPU decoder (VP8/VP9/MJPEG only, slower than PyAV) without CUDA. ``auto`` uses DALI on the
+    GPU when CUDA is available and DALI imports, PyAV otherwise; when DALI fails on a file there
+    (codec NVDEC lacks, a corrupt packet DALI will not skip) it falls back to PyAV, so ``auto``
+    decodes whatever PyAV decodes. An explicit ``dali`` never falls back.
+    """
+    if backend not in ("auto", "pyav", "dali"):
+        raise ValueError(f"decoder backend must be 'auto', 'pyav' or 'dali', got {backend!r}")
+    if backend == "dali" or (backend == "auto" and _dali_gpu_available()):
+        from .dali import decode_dali
+
+        device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        try:
+            return decode_dali(path, nframes=nframes, key_times=key_times,
+                               device_id=device_id, max_side=max_side)
+        except DecodeError:
+            if backend == "dali":
+                raise
     return decode_pyav(path, nframes=nframes, key_times=key_times, max_side=max_side)

@@ -94,7 +94,15 @@ def _keep_list(batch):
 
 def make_loader(dataset: ClipDataset, *, batch_size: int, rank: int = 0, world: int = 1,
                 shuffle: bool = True, seed: int = 0, num_workers: int = 2) -> DataLoader:
-    """DataLoader yielding lists of ``ClipSample | SampleFailure`` (split with ``split_failures``)."""
+    """DataLoader yielding lists of ``ClipSample | SampleFailure`` (split with ``split_failures``).
+
+    When decoding goes to DALI on a GPU, it runs in this process (DALI has its own decode
+    threads and CUDA cannot be used in forked workers), so ``num_workers`` is then 0.
+    """
+    from visioncoach.data.decode import _dali_gpu_available
+
+    if dataset.backend in ("auto", "dali") and _dali_gpu_available():
+        num_workers = 0
     sampler = ShardSampler(len(dataset), rank, world, shuffle, seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=_keep_list, persistent_workers=num_workers > 0,
