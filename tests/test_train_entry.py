@@ -1,5 +1,6 @@
 """`torchrun -m visioncoach.train`: config errors before any model is built, and the start-up."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def test_torchrun_two_processes_start_up(tmp_path):
     t0 = time.time()
     res = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "visioncoach.train",
-         f"--output_dir={tmp_path / 'run'}"],
+         f"--output_dir={tmp_path / 'run'}", "--optim.sft_steps=3", "--log.checkpoint_every=2"],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
@@ -52,6 +53,12 @@ def test_torchrun_two_processes_start_up(tmp_path):
     assert "64 records" in out and "'sample': 'synthetic-00000'" in out
     assert "'frame_size': (112, 84)" in out
     assert len(list((tmp_path / "cache").glob("synthetic-*"))) == 1
+    # SFT ran under DDP on both ranks: metrics for 3 steps, checkpoints at 2 and 3, a summary.
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["sft"]["steps"] == 3
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["output_dir"] == str(tmp_path / "run")
     assert time.time() - t0 < 600

@@ -50,6 +50,8 @@ class DataConfig:
     # `video`: Qwen2.5-VL video tokens.
     layout: Literal["frames", "video"] = "frames"
     num_workers: int = 2
+    # SFT samples per rank per step (RL batches are rollout.prompts_per_step prompts).
+    batch_size: int = 1
     max_prompt_tokens: int = 16384
     shuffle: bool = True
     # Samples the synthetic generator writes (ignored for file datasets).
@@ -156,6 +158,8 @@ class OptimConfig:
     sft_steps: int = -1
     rl_steps: int = -1
     sft_lr: float = 1e-6
+    # Non-finite loss or gradients skip the step; this many in a row stop the run.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -237,6 +241,8 @@ def _validate(cfg: Config) -> None:
     need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
     need(cfg.dist.zero_stage in (0, 1, 2, 3), "dist.zero_stage",
          f"must be 0, 1, 2 or 3, got {cfg.dist.zero_stage}")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(cfg.optim.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps", "must be >= 1")
     need(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
     need(cfg.log.checkpoint_every >= 1, "log.checkpoint_every", "must be >= 1")
     if cfg.log.profile_steps:

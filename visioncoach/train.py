@@ -4,13 +4,14 @@ Today this runs the start-up that every training run goes through: config valida
 any model is built), the process group, the dataset (the bundled synthetic one is generated
 on first use) validated up front, the policy and processor, and a preflight that checks that
 every rank built identical weights and that the data path works end to end on this machine:
-the first sample is decoded, turned into model inputs and run forward and backward. The SFT
-and RL stages (VisionCoach Algorithm 1) are not implemented yet; the run says so and exits
-after the preflight.
+the first sample is decoded, turned into model inputs and run forward and backward. Then the
+SFT cold start runs (``visioncoach.trainer.loop.SFTRunner``). The RL stage (VisionCoach
+Algorithm 1) is not implemented yet; the run says so and skips it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -142,9 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         model, processor, info = build_policy(cfg.model, cfg.data, dist_info.device, seed=cfg.seed)
         report = preflight(model, processor.tokenizer, dataset, cfg, dist_info)
         log.info("preflight: %s", report)
-        log.info("stage %r: the SFT and RL training stages are not implemented yet; "
-                 "this run stops after start-up and preflight (resolved config in %s)",
-                 cfg.stage, out_dir / "config.yaml")
+        summary = {}
+        if cfg.stage in ("sft", "sft+rl"):
+            from visioncoach.trainer.loop import SFTRunner
+
+            runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir)
+            runner.maybe_resume(cfg.log.resume)
+            history = [m for m in runner.run() if m["loss"] is not None]
+            if history:
+                k = max(1, len(history) // 5)
+                summary["sft"] = {"steps": runner.step,
+                                  "loss_first": sum(m["loss"] for m in history[:k]) / k,
+                                  "loss_last": sum(m["loss"] for m in history[-k:]) / k}
+        if cfg.stage in ("rl", "sft+rl"):
+            log.info("stage 'rl': the RL stage (VisionCoach Algorithm 1) is not implemented yet; skipped")
+        if dist_info.is_main:
+            _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
+            log.info("summary: %s (metrics in %s)", summary, out_dir / "metrics.jsonl")
         return 0
     finally:
         shutdown()

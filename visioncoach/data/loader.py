@@ -70,12 +70,14 @@ class ShardSampler(Sampler[int]):
             raise ValueError(f"rank {rank} not in [0, {world})")
         self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch of the permutation, and how many of this rank's indices to skip (resume)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world)
+        return math.ceil(self.n / self.world) - self.start
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -83,9 +85,9 @@ class ShardSampler(Sampler[int]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        total = len(self) * self.world
+        total = math.ceil(self.n / self.world) * self.world
         order = (order * math.ceil(total / max(self.n, 1)))[:total]
-        return iter(order[self.rank::self.world])
+        return iter(order[self.rank::self.world][self.start:])
 
 
 def _keep_list(batch):

@@ -1,0 +1,113 @@
+"""SFT stage: fused-LM-head loss equals the plain one, training reduces it, checkpoints are
+atomic and resuming continues exactly, non-finite steps are skipped then stop the run."""
+
+import json
+
+import pytest
+import torch
+
+from visioncoach.config import load_config
+from visioncoach.data.stgr import load_stgr
+from visioncoach.data.synthetic import generate
+from visioncoach.models.tiny import build_tiny_model
+from visioncoach.trainer import checkpoint as ckpt_mod
+from visioncoach.trainer import loop as loop_mod
+from visioncoach.trainer.sft import build_sft_example, target_logprobs
+from visioncoach.utils.dist import DistInfo
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return load_stgr(generate(tmp_path_factory.mktemp("syn"), n=6, seed=5), sft=True)
+
+
+def _cfg(**over):
+    args = [f"--{k}={v}" for k, v in {"data.num_workers": 0, "data.nframes": 2, "optim.sft_steps": 4,
+                                       "log.checkpoint_every": 2, "optim.sft_lr": 1e-3, **over}.items()]
+    return load_config(args)
+
+
+def _runner(cfg, dataset, tokenizer, out_dir, seed=0):
+    torch.manual_seed(seed)
+    model = build_tiny_model(seed=seed)
+    info = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    return loop_mod.SFTRunner(cfg, info, model, tokenizer, dataset, out_dir)
+
+
+def test_fused_target_logprobs_equal_plain_logits(dataset, tokenizer):
+    from visioncoach.data.loader import ClipDataset
+
+    model = build_tiny_model(seed=1)
+    sample = ClipDataset(dataset, nframes=2)[0]
+    ex = build_sft_example(sample, tokenizer, layout="frames", min_pixels=3136, max_pixels=12544,
+                           device=torch.device("cpu"))
+    ours = target_logprobs(model, ex)                                             # [1, Tt]
+    logits = model(**ex.tensors).logits.float()                                   # [1, L, V]
+    ref = torch.log_softmax(logits[:, ex.target_start - 1:-1], -1).gather(
+        -1, ex.tensors["input_ids"][:, ex.target_start:, None])[..., 0]
+    assert ours.shape == ref.shape and ours.shape[1] > 10
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-5)
+    # The target is the reference reasoning followed by <|im_end|>.
+    tail = tokenizer.decode(ex.tensors["input_ids"][0, ex.target_start:])
+    assert tail.startswith("<think>") and tail.endswith("</answer><|im_end|>")
+
+
+def test_sft_reduces_loss_and_writes_metrics(dataset, tokenizer, tmp_path):
+    r = _runner(_cfg(**{"optim.sft_steps": 6}), dataset, tokenizer, tmp_path)
+    hist = r.run()
+    assert [m["step"] for m in hist] == list(range(1, 7))
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and {"tokens_per_s", "time_fwd_bwd_s", "peak_mem_gb", "lr", "grad_norm"} <= set(lines[0])
+    assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000006"
+
+
+def test_resume_continues_exactly(dataset, tokenizer, tmp_path):
+    straight = _runner(_cfg(), dataset, tokenizer, tmp_path / "a")
+    straight.run()
+    first = _runner(_cfg(**{"optim.sft_steps": 4}), dataset, tokenizer, tmp_path / "b")
+    first.steps = 2  # "killed" after step 2 (its checkpoint is written at step 2)
+    first.run()
+    resumed = _runner(_cfg(), dataset, tokenizer, tmp_path / "b", seed=123)  # other init: must be overwritten
+    resumed.maybe_resume("auto")
+    assert resumed.step == 2
+    resumed.run()
+    for (name, a), (_, b) in zip(straight.raw_model.named_parameters(), resumed.raw_model.named_parameters()):
+        assert torch.equal(a, b), name
+    # The saved model loads with transformers.
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    m = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        ckpt_mod.latest_checkpoint(tmp_path / "b" / "checkpoints") / "model")
+    assert torch.equal(m.lm_head.weight, resumed.raw_model.lm_head.weight)
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(dataset, tokenizer, tmp_path, monkeypatch):
+    r = _runner(_cfg(), dataset, tokenizer, tmp_path)
+    r.steps = 2
+    r.run()
+    good = ckpt_mod.latest_checkpoint(tmp_path / "checkpoints")
+    real_save = torch.save
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    r.steps = 4
+    with pytest.raises(OSError, match="disk full"):
+        r.run()
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints") == good
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", good.name]
+
+
+def test_non_finite_steps_are_skipped_then_stop(dataset, tokenizer, tmp_path, monkeypatch):
+    r = _runner(_cfg(**{"optim.max_nonfinite_steps": 2, "log.checkpoint_every": 100}), dataset,
+                tokenizer, tmp_path)
+    before = [p.detach().clone() for p in r.raw_model.parameters()]
+    monkeypatch.setattr(loop_mod, "sft_loss", lambda model, ex: (
+        sum(p.sum() for p in model.parameters()) * float("nan"), 1))
+    with pytest.raises(loop_mod.NonFiniteError, match="optim.max_nonfinite_steps"):
+        r.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, r.raw_model.parameters()))
+    assert not (tmp_path / "checkpoints").exists()  # never a NaN checkpoint

@@ -1,0 +1,119 @@
+"""Checkpoints that are never half-written.
+
+A checkpoint is a folder ``step-NNNNNNNN`` holding the model (``save_pretrained``,
+safetensors, loadable with transformers' ``from_pretrained``; LoRA models save their peft
+adapter), the optimizer, scheduler and RNG states, and ``trainer_state.json`` (step, stage,
+data position). It is written into a hidden temporary folder next to it and renamed into
+place only when complete, and ``latest`` (a small text file, itself replaced atomically)
+names the newest one. A crash at any point leaves the previous checkpoint and ``latest``
+valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE = "trainer_state.json"
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dict,
+                    extra: dict | None = None) -> Path:
+    """Write checkpoint ``step-{state['step']}`` atomically and point ``latest`` at it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{int(state['step']):08d}"
+    final = out_dir / name
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
+    try:
+        model = model.module if hasattr(model, "module") else model
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": _rng_state(), "extra": extra or {}}, tmp / "trainer.pt")
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside first
+            old = out_dir / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _write_text_atomic(out_dir / "latest", name + "\n")
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names, or None; a dangling pointer is an error."""
+    out_dir = Path(out_dir)
+    pointer = out_dir / "latest"
+    if not pointer.is_file():
+        return None
+    ckpt = out_dir / pointer.read_text().strip()
+    if not (ckpt / STATE).is_file():
+        raise FileNotFoundError(f"{pointer} names {ckpt}, which is not a complete checkpoint")
+    return ckpt
+
+
+def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states in place; returns the trainer state."""
+    ckpt = Path(ckpt)
+    if not (ckpt / STATE).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint (no {STATE})")
+    model = model.module if hasattr(model, "module") else model
+    # Through from_pretrained: the file uses the checkpoint key layout that transformers
+    # converts on load (e.g. Qwen2.5-VL's "visual.*" vs the module's "model.visual.*").
+    dtype = next(model.parameters()).dtype
+    loaded = type(model).from_pretrained(ckpt / "model", dtype=dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    del loaded
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    blob = torch.load(ckpt / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and blob["scheduler"] is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    _set_rng_state(blob["rng"])
+    return json.loads((ckpt / STATE).read_text())
