@@ -565,7 +565,7 @@ def test_generated_cases_reach_every_branch():
     # Guard against a generator that only ever produces zeros.
     seen = {k: 0 for k in KEYS}
 
-    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(batches())
     def collect(batch):

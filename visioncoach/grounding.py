@@ -32,6 +32,11 @@ Grammar (decided once here, shared by every reward):
   whitespace only, then whitespace, ``at``, whitespace, a ``<t>`` tag (the ``s`` after
   ``</t>`` is optional). A claim keeps its valid boxes; it is dropped with no valid box or
   no valid time. It never extends past the next ``<obj>``.
+
+Two implementations: ``parse`` (one text, plain Python) is the reference; the batch
+front-end ``parse_texts`` runs the C++ op ``visioncoach::parse_grounding`` (csrc/grounding.cpp)
+over a whole batch and builds the same ``ClaimBatch`` with no per-claim Python work, falling
+back to ``parse`` where the extension is missing (``backend="auto"``).
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 __all__ = [
-    "Claim", "Parsed", "ClaimBatch", "parse", "parse_batch", "claim_batch",
+    "Claim", "Parsed", "ClaimBatch", "ParsedBatch", "parse", "parse_batch", "parse_texts",
+    "claim_batch", "native_available", "BACKENDS",
     "parse_number", "parse_box", "first_box", "first_segment", "option_letter",
     "normalize_name", "to_f32",
 ]
@@ -396,6 +403,130 @@ def claim_batch(parsed: list[Parsed]) -> ClaimBatch:
     )
 
 
-def parse_batch(texts: list[str]) -> ClaimBatch:
+# ---------------------------------------------------------------------------------------
+# Batch front-end: the C++ op, with ``parse`` as reference and fallback
+# ---------------------------------------------------------------------------------------
+
+BACKENDS = ("auto", "native", "python")
+
+# Loaded at import, not on first use: the module set then does not change under a running
+# test (hypothesis draws constants from the loaded modules, so a late import would change
+# the examples a derandomized test generates).
+try:
+    from visioncoach import ops as _ops  # noqa: F401  (loads _C: op schemas, kernels, fakes)
+    _native_op = torch.ops.visioncoach.parse_grounding
+    _native_error: str | None = None
+except (ImportError, AttributeError, RuntimeError) as _exc:  # extension not built, or stale
+    _native_op, _native_error = None, f"{type(_exc).__name__}: {_exc}"
+
+
+def native_available() -> bool:
+    """Whether ``parse_texts(backend="native")`` can run (the C++ extension has the op)."""
+    return _native_op is not None
+
+
+@dataclass
+class ParsedBatch:
+    """A batch of outputs parsed once: what every reward reads, without a ``Parsed`` per text.
+
+    N = number of texts, C = claims, U = distinct object names as written.
+
+    texts       the texts (offsets below index them)
+    claims      the ClaimBatch (``parse_batch``)
+    raw_names   [U] distinct names as written, in order of first appearance
+    claim_name  [C] int64   index into ``raw_names`` of each claim's name (``Claim.obj``)
+    blocks      [N, 4] int64 think start, think end, answer start, answer end: content
+                offsets in code points (Python str indices) of ``texts[i]``; -1 when absent,
+                so ``texts[i][b[0]:b[1]] == parse(texts[i]).think``
+    n_errors    [N] int64   ``len(parse(texts[i]).errors)``; 0 exactly when well-formed
+    backend     "native" or "python": which parser produced it
+    """
+    texts: Sequence
+    claims: ClaimBatch
+    raw_names: list[str]
+    claim_name: torch.Tensor
+    blocks: torch.Tensor
+    n_errors: torch.Tensor
+    backend: str
+
+    def _spans(self, col: int) -> list[str | None]:
+        return [t[a:b] if a >= 0 else None
+                for t, (a, b) in zip(self.texts, self.blocks[:, col:col + 2].tolist())]
+
+    def thinks(self) -> list[str | None]:
+        """``parse(t).think`` of every text."""
+        return self._spans(0)
+
+    def answers(self) -> list[str | None]:
+        """``parse(t).answer`` of every text."""
+        return self._spans(2)
+
+
+def _parse_python(texts: Sequence) -> ParsedBatch:
+    parsed = [parse(t) for t in texts]
+    raw_ids: dict[str, int] = {}
+    claim_name = [raw_ids.setdefault(c.obj, len(raw_ids)) for p in parsed for c in p.claims]
+    blocks = []
+    for t in texts:
+        spans = [_block(t, "think"), _block(t, "answer")] if isinstance(t, str) else [None, None]
+        blocks.append([x for span in spans for x in (span or (-1, -1))])
+    return ParsedBatch(
+        texts=texts, claims=claim_batch(parsed), raw_names=list(raw_ids),
+        claim_name=torch.tensor(claim_name, dtype=torch.int64),
+        blocks=torch.tensor(blocks, dtype=torch.int64).reshape(len(texts), 4),
+        n_errors=torch.tensor([len(p.errors) for p in parsed], dtype=torch.int64),
+        backend="python")
+
+
+def _parse_native(texts: Sequence[str]) -> ParsedBatch:
+    (claim_rollout, claim_t, boxes, box_count, claim_name, name_spans, time_rollout, times,
+     blocks, n_errors) = _native_op(texts if isinstance(texts, (list, tuple)) else list(texts))
+    # Names are normalised here, once per distinct raw name, so normalize_name stays the one
+    # definition (Unicode lower-casing and whitespace). Raw names are numbered by first
+    # appearance, so assigning normalised ids in that order gives claim_batch's name order.
+    raw_names = [texts[r][a:b] for r, a, b in name_spans.tolist()]
+    name_ids: dict[str, int] = {}
+    raw_to_name = torch.tensor([name_ids.setdefault(normalize_name(n), len(name_ids))
+                                for n in raw_names], dtype=torch.int64)            # [U]
+    claims = ClaimBatch(
+        n_rollouts=len(texts), names=list(name_ids), claim_rollout=claim_rollout,
+        claim_obj=raw_to_name[claim_name], claim_t=claim_t, boxes=boxes, box_count=box_count,
+        time_rollout=time_rollout, times=times)
+    # The op counts every malformation; Parsed.errors keeps _MAX_ERRORS messages plus one
+    # "... and k more" line.
+    n_errors = torch.where(n_errors > _MAX_ERRORS, _MAX_ERRORS + 1, n_errors)
+    return ParsedBatch(texts=texts, claims=claims, raw_names=raw_names, claim_name=claim_name,
+                       blocks=blocks, n_errors=n_errors, backend="native")
+
+
+def parse_texts(texts: Sequence, backend: str = "auto") -> ParsedBatch:
+    """Parse a batch of outputs (see ParsedBatch); equal to ``parse`` on each text.
+
+    backend: "native" runs the C++ op (every text must be a str; raises if the extension is
+    missing), "python" runs ``parse`` per text, "auto" is native when available, else (and
+    for input the op cannot take: non-str items, lone surrogates) python.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "python":
+        return _parse_python(texts)
+    if backend == "native":
+        if _native_op is None:
+            raise RuntimeError(f"the native grounding parser is not available ({_native_error})")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"text {i} must be a str, got {type(t).__name__}")
+        return _parse_native(texts)
+    if _native_op is None or not all(isinstance(t, str) for t in texts):
+        return _parse_python(texts)
+    try:
+        return _parse_native(texts)
+    except RuntimeError:
+        # The only input the op refuses is a str that is not valid Unicode (lone surrogates
+        # do not encode to UTF-8); ``parse`` takes any str.
+        return _parse_python(texts)
+
+
+def parse_batch(texts: Sequence, backend: str = "auto") -> ClaimBatch:
     """Parse every text and pack the claims and times (see ClaimBatch for the layout)."""
-    return claim_batch([parse(t) for t in texts])
+    return parse_texts(texts, backend).claims

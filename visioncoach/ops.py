@@ -2,6 +2,10 @@
 
 The C++ part (``visioncoach._C``) is always built; the CUDA part (``visioncoach._C_cuda``)
 only where CUDA and nvcc were present at install time. ``native_info()`` says which loaded.
+
+The grounding ops (csrc/grounding.cpp) have their Python references elsewhere:
+``parse_grounding`` is wrapped by ``visioncoach.grounding.parse_texts`` (reference:
+``grounding.parse``), ``identity_match`` below (reference: ``rewards.reference.identity_match``).
 """
 
 from __future__ import annotations
@@ -63,3 +67,43 @@ def patchify_normalize_reference(frames: torch.Tensor, mean=QWEN_MEAN, std=QWEN_
                   gw // merge_size, merge_size, patch_size)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Grounding (csrc/grounding.cpp)
+# ---------------------------------------------------------------------------------------
+
+# The op's integer codes of the identity modes of eq. 7 (reference.IDENTITY_MODES).
+IDENTITY_MODE_CODES = {"exact": 0, "soft": 1, "none": 2}
+
+
+@torch.library.register_fake("visioncoach::parse_grounding")
+def _parse_grounding_fake(texts):
+    # Every size but N depends on the text: unbacked sizes under torch.compile / fake mode.
+    ctx = torch.library.get_ctx()
+    n_claims, n_times, n_names = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    b_max = ctx.new_dynamic_size(min=1)
+    n = len(texts)
+    i64, f32 = dict(dtype=torch.int64), dict(dtype=torch.float32)
+    return (torch.empty(n_claims, **i64), torch.empty(n_claims, **f32),
+            torch.empty(n_claims, b_max, 4, **f32), torch.empty(n_claims, **i64),
+            torch.empty(n_claims, **i64), torch.empty(n_names, 3, **i64),
+            torch.empty(n_times, **i64), torch.empty(n_times, **f32),
+            torch.empty(n, 4, **i64), torch.empty(n, **i64))
+
+
+@torch.library.register_fake("visioncoach::identity_match")
+def _identity_match_fake(pred_names, gt_names, mode):
+    return torch.empty(len(pred_names), len(gt_names), dtype=torch.bool)
+
+
+def identity_match(pred_names: list[str], gt_names: list[str], mode: str) -> torch.Tensor:
+    """I(o_m, o) of eq. 7 for every pair: bool [len(pred_names), len(gt_names)].
+
+    Names must already be normalized (``grounding.normalize_name``). ``soft``: equal or one
+    contains the other; ``exact``: equal; ``none``: always true. Under ``soft``/``exact`` an
+    empty name matches nothing.
+    """
+    if mode not in IDENTITY_MODE_CODES:
+        raise ValueError(f"identity mode must be one of {tuple(IDENTITY_MODE_CODES)}, got {mode!r}")
+    return torch.ops.visioncoach.identity_match(list(pred_names), list(gt_names), IDENTITY_MODE_CODES[mode])

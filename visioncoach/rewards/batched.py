@@ -1,18 +1,23 @@
 """Batched rewards: the fast path used in training (``score``).
 
-Each text is parsed once (``visioncoach.grounding.parse``); each distinct record object is
-validated and converted once (rollouts of one prompt share it). Accuracy and format are
-string work, done per text in Python (ROUGE cached per distinct (answer, ground truth)).
-The temporal (eqs. 5-6) and spatial (eqs. 8/15, 13, 14) rewards are computed for the whole
-batch with tensor ops over two layouts:
+The batch is parsed once by the front-end ``visioncoach.grounding.parse_texts``: the C++ op
+(csrc/grounding.cpp) by default, the per-text Python ``parse`` as fallback (``FRONTEND`` or
+``score(frontend=...)``). It yields the claims, the predicted times, each text's answer span
+and error count, so format is a tensor expression and accuracy the only per-text string work
+(option letter, first segment or box of the answer; ROUGE cached per distinct (answer,
+ground truth)). Each distinct record object is validated and converted once (rollouts of
+one prompt share it). The temporal (eqs. 5-6) and spatial (eqs. 8/15, 13, 14) rewards are
+computed for the whole batch with tensor ops over two layouts:
 
 * ``ClaimBatch`` (``visioncoach.grounding``): claims and predicted times, flat over rollouts.
 * ``GroundTruth`` (here): per distinct record, padded.
 
 Segment structure (which rollout, which record, which claim) is carried by index tensors:
 per-rollout means are ``index_add_`` sums, per-claim maxima over boxes are
-``scatter_reduce(amax)`` over the flat box list derived from ``ClaimBatch.box_count``. This is the seam for Triton kernels (pairwise IoU,
-nearest key frame, segment means) and a C++ parser producing ``ClaimBatch`` directly.
+``scatter_reduce(amax)`` over the flat box list derived from ``ClaimBatch.box_count``. This
+is the seam for Triton kernels (pairwise IoU, nearest key frame, segment means). Identity
+(eq. 7) is one [distinct predicted names, distinct GT names] matrix, from the C++ op
+``visioncoach::identity_match`` with the native front-end.
 
 Precision: inputs are float32 (parsed numbers are rounded to float32, see
 ``visioncoach.grounding``); the math runs in ``dtype`` (float64 by default) so that every
@@ -22,21 +27,32 @@ reference. A float32 kernel agrees to ~1e-6 except at exact ties of those compar
 
 from __future__ import annotations
 
+import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from visioncoach.config import RewardConfig
-from visioncoach.grounding import (ClaimBatch, Parsed, claim_batch, first_box, first_segment,
-                                   normalize_name, option_letter, parse)
+from visioncoach.grounding import (BACKENDS, Box, ClaimBatch, first_box, first_segment,
+                                   normalize_name, option_letter, parse_texts)
 from visioncoach.rewards.records import (FREE_FORM_TASKS, MCQ_TASKS, TEMPORAL_SPATIAL_TASK,
                                          Record, convert)
 from visioncoach.rewards.reference import (box_iou, check_config, identity_match, rouge,
                                            segment_iou, sigma_at)
 
+try:
+    from visioncoach import ops
+except ImportError:  # the extension is not built: only the Python front-end runs
+    ops = None
+
 __all__ = ["score", "GroundTruth", "ground_truth", "convert_records", "temporal_rewards",
-           "spatial_rewards", "pairwise_iou"]
+           "spatial_rewards", "pairwise_iou", "FRONTEND"]
+
+# Parser front-end of ``score`` (``grounding.BACKENDS``): "auto" = the C++ op when the
+# extension has it, else the Python parser; "native" / "python" force one. The identity
+# matrix follows the same choice.
+FRONTEND = "auto"
 
 # Bound on claim boxes x GT boxes per IoU block (elements), so 100 kB of claims cannot
 # allocate gigabytes.
@@ -74,47 +90,87 @@ class GroundTruth:
     names: list[str]
 
 
-def _pad(rows: list[list], width: int, fill) -> list[list]:
-    return [r + [fill] * (width - len(r)) for r in rows]
+_ARRAY_TYPECODES = {torch.float32: "f", torch.float64: "d", torch.int64: "q"}
+
+
+def _tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+    """1-D tensor of a flat list of Python numbers, through ``array.array``: ``torch.tensor``
+    converts a list one Python object at a time, ~4x slower (6000 numbers: ~0.7 ms vs
+    ~0.2 ms, which adds up over the ground truth's lists)."""
+    if not values:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(array.array(_ARRAY_TYPECODES[dtype], values), dtype=dtype)
+
+
+def _rows(values: torch.Tensor, counts: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """Padded rows [R, width, ...] from flat ``values`` [sum(counts), ...]: row r holds the
+    next counts[r] values (in order), then ``fill``."""
+    out = torch.full((counts.numel(), width, *values.shape[1:]), fill, dtype=values.dtype)
+    if values.shape[0]:
+        row = torch.repeat_interleave(torch.arange(counts.numel()), counts)     # [L]
+        col = torch.arange(values.shape[0]) - (torch.cumsum(counts, 0) - counts)[row]
+        out[row, col] = values
+    return out
 
 
 def ground_truth(records: Sequence[Record], device: torch.device | str = "cpu") -> GroundTruth:
-    """Pack converted records (one Python pass over their annotations)."""
-    t_max = max([len(r.gt_times) for r in records] + [1])
-    s_max = max([len(r.segments) for r in records] + [1])
-    k_max = max([len(r.frames) for r in records] + [1])
-    name_ids: dict[str, int] = {}
-    frame_of, frame_time, frame_boxes, box_obj, obj_name, obj_count = [], [], [], [], [], []
+    """Pack converted records: one Python pass gathers flat lists, tensor ops pad them."""
+    raw_ids: dict[str, int] = {}     # name as written -> id: normalize each distinct name once
+    name_ids: dict[str, int] = {}    # normalized name -> id
+    times: list[float] = []
+    segments: list[float] = []       # s, e, s, e, ...
+    n_times, n_segments, n_frames = [], [], []
+    frame_time: list[float] = []
+    obj_count: list[int] = []
+    obj_name: list[int] = []
+    boxes: list[float] = []          # x1, y1, x2, y2, x1, ...
+    box_obj: list[int] = []
+    n_boxes: list[int] = []
     for rec in records:
-        ids = []
+        times += rec.gt_times
+        n_times.append(len(rec.gt_times))
+        for seg in rec.segments:
+            segments += seg
+        n_segments.append(len(rec.segments))
+        n_frames.append(len(rec.frames))
         for kf in rec.frames:
-            ids.append(len(frame_time))
             frame_time.append(kf.time)
             obj_count.append(len(kf.names))
-            obj_name.append([name_ids.setdefault(normalize_name(n), len(name_ids)) for n in kf.names])
-            frame_boxes.append([list(b) for boxes in kf.boxes for b in boxes])
-            box_obj.append([o for o, boxes in enumerate(kf.boxes) for _ in boxes])
-        frame_of.append(ids)
-    p_max = max([len(b) for b in box_obj] + [1])
-    o_max = max(obj_count + [1])
-    f32 = dict(dtype=torch.float32, device=device)
-    i64 = dict(dtype=torch.int64, device=device)
-    return GroundTruth(
-        times=torch.tensor(_pad([r.gt_times for r in records], t_max, 0.0), **f32).reshape(-1, t_max),
-        time_mask=torch.tensor(_pad([[True] * len(r.gt_times) for r in records], t_max, False),
-                               dtype=torch.bool, device=device).reshape(-1, t_max),
-        segments=torch.tensor(_pad([[list(s) for s in r.segments] for r in records], s_max, [0.0, 0.0]),
-                              **f32).reshape(-1, s_max, 2),
-        seg_mask=torch.tensor(_pad([[True] * len(r.segments) for r in records], s_max, False),
-                              dtype=torch.bool, device=device).reshape(-1, s_max),
-        frame_of=torch.tensor(_pad(frame_of, k_max, -1), **i64).reshape(-1, k_max),
-        frame_time=torch.tensor(frame_time, **f32),
-        frame_boxes=torch.tensor(_pad(frame_boxes, p_max, [0.0] * 4), **f32).reshape(-1, p_max, 4),
-        box_obj=torch.tensor(_pad(box_obj, p_max, -1), **i64).reshape(-1, p_max),
-        obj_name=torch.tensor(_pad(obj_name, o_max, -1), **i64).reshape(-1, o_max),
-        obj_count=torch.tensor(obj_count, **i64),
+            for name in kf.names:
+                i = raw_ids.get(name)
+                if i is None:
+                    i = raw_ids[name] = name_ids.setdefault(normalize_name(name), len(name_ids))
+                obj_name.append(i)
+            n = len(box_obj)
+            for slot, obj_boxes in enumerate(kf.boxes):
+                for box in obj_boxes:
+                    boxes += box
+                box_obj += [slot] * len(obj_boxes)
+            n_boxes.append(len(box_obj) - n)
+    i64, f32 = torch.int64, torch.float32
+    n_times_t, n_segments_t, n_frames_t, n_boxes_t, obj_count_t = (
+        _tensor(c, i64) for c in (n_times, n_segments, n_frames, n_boxes, obj_count))
+    t_max, s_max, k_max, p_max, o_max = (
+        max(c, default=0) or 1 for c in (n_times, n_segments, n_frames, n_boxes, obj_count))
+    first_frame = torch.cumsum(n_frames_t, 0) - n_frames_t                  # [R]
+    slots = torch.arange(k_max)
+    gt = GroundTruth(
+        times=_rows(_tensor(times, f32), n_times_t, t_max, 0.0),
+        time_mask=torch.arange(t_max) < n_times_t[:, None],
+        segments=_rows(_tensor(segments, f32).reshape(-1, 2), n_segments_t, s_max, 0.0),
+        seg_mask=torch.arange(s_max) < n_segments_t[:, None],
+        frame_of=torch.where(slots < n_frames_t[:, None], first_frame[:, None] + slots, -1),
+        frame_time=_tensor(frame_time, f32),
+        frame_boxes=_rows(_tensor(boxes, f32).reshape(-1, 4), n_boxes_t, p_max, 0.0),
+        box_obj=_rows(_tensor(box_obj, i64), n_boxes_t, p_max, -1),
+        obj_name=_rows(_tensor(obj_name, i64), obj_count_t, o_max, -1),
+        obj_count=obj_count_t,
         names=list(name_ids),
     )
+    if torch.device(device).type == "cpu":
+        return gt
+    return GroundTruth(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                          for k, v in vars(gt).items()})
 
 
 def convert_records(samples: Sequence[Mapping]) -> tuple[list[Record], list[int]]:
@@ -159,24 +215,30 @@ def temporal_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tens
     n = cb.n_rollouts
     if cb.times.numel() == 0:
         return torch.zeros(n, dtype=dtype, device=cb.times.device)
-    q = rollout_record[cb.time_rollout]                                  # [M] record of each time
+    # Masks folded into the [R, *] ground truth first, so the [M, *] work is a gather and one
+    # pass: padded times are +inf (never nearest), padded segments [+inf, -inf] (hold nothing).
+    inf = float("inf")
+    g_times = torch.where(gt.time_mask, gt.times.to(dtype), inf)         # [R, Tmax]
+    seg = gt.segments.to(dtype)
+    seg_lo = torch.where(gt.seg_mask, seg[..., 0], inf)                  # [R, Smax]
+    seg_hi = torch.where(gt.seg_mask, seg[..., 1], -inf)                 # [R, Smax]
+    q = rollout_record.index_select(0, cb.time_rollout)                  # [M] record of each time
     t = cb.times.to(dtype)[:, None]                                      # [M, 1]
-    g_mask = gt.time_mask[q]                                             # [M, Tmax]
-    dt = torch.where(g_mask, (t - gt.times[q].to(dtype)).abs(),
-                     torch.full_like(t, float("inf"))).amin(1)           # [M] distance to T^gt
-    seg = gt.segments[q].to(dtype)                                       # [M, Smax, 2]
-    inside = (gt.seg_mask[q] & (seg[..., 0] <= t) & (t <= seg[..., 1])).any(1)   # closed [s, e]
-    r_m = torch.where(inside, torch.ones_like(dt), torch.exp(-(dt * dt) / (2.0 * sigma * sigma)))
-    has_gt = g_mask.any(1)
-    r_m = torch.where(has_gt, r_m, torch.zeros_like(r_m))
+    dt = (t - g_times.index_select(0, q)).abs().amin(1)                  # [M] distance to T^gt
+    inside = ((seg_lo.index_select(0, q) <= t) & (t <= seg_hi.index_select(0, q))).any(1)  # closed
+    r_m = torch.where(inside, 1.0, torch.exp(-(dt * dt) / (2.0 * sigma * sigma)))
     # All times of a rollout share its record, so "no T^gt" zeroes the whole rollout.
+    r_m = torch.where(gt.time_mask.any(1).index_select(0, q), r_m, 0.0)
     return _segment_mean(r_m, cb.time_rollout, torch.ones_like(r_m), n)
 
 
 def _name_match(pred_ids: torch.Tensor, gt_ids: torch.Tensor, pred_names: list[str],
-                gt_names: list[str], identity: str) -> torch.Tensor:
-    """I(o_m, o) for index pairs (same shapes; gt_ids >= 0): strings compared once per
-    distinct (pred name, GT name) pair."""
+                gt_names: list[str], identity: str, native: bool) -> torch.Tensor:
+    """I(o_m, o) for index pairs (same shapes; gt_ids >= 0). Native: one [P, G] matrix over
+    the distinct names from the C++ op; else strings compared once per distinct pair."""
+    if native:
+        table = ops.identity_match(pred_names, gt_names, identity).to(pred_ids.device)   # [P, G]
+        return table[pred_ids, gt_ids]
     keys = pred_ids * len(gt_names) + gt_ids
     uniq, inverse = torch.unique(keys, return_inverse=True)
     ng = len(gt_names)
@@ -185,67 +247,67 @@ def _name_match(pred_ids: torch.Tensor, gt_ids: torch.Tensor, pred_names: list[s
 
 
 def spatial_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tensor, tau: float,
-                    mode: str, identity: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                    mode: str, identity: str, dtype: torch.dtype = torch.float64,
+                    native_identity: bool = False) -> torch.Tensor:
     """r_spa per rollout [N]: object_aware (eqs. 7-8, 15), max (eq. 13) or avg (eq. 14); see
-    ``reference.spatial_reward`` for the definitions."""
+    ``reference.spatial_reward`` for the definitions. ``native_identity``: I(o_m, o) from the
+    C++ op instead of Python string compares."""
     n = cb.n_rollouts
     device = cb.claim_t.device
     n_claims = cb.claim_t.numel()
     if n_claims == 0 or gt.frame_time.numel() == 0:
         return torch.zeros(n, dtype=dtype, device=device)
 
-    # Nearest annotated key frame t~_m of each claim; frames are time-sorted within a record,
-    # so the first minimal slot is the earlier frame on ties.
-    q = rollout_record[cb.claim_rollout]                                 # [C]
-    cand = gt.frame_of[q]                                                # [C, Kmax]
-    c_mask = cand >= 0
-    k_max = cand.shape[1]
+    # Nearest annotated key frame t~_m of each claim: key-frame times per record with +inf
+    # padding, then a min whose index is the first minimal slot, i.e. the earlier frame on
+    # ties (frames are time-sorted within a record).
+    q = rollout_record.index_select(0, cb.claim_rollout)                 # [C]
+    frame_t = torch.where(gt.frame_of >= 0, gt.frame_time.to(dtype)[gt.frame_of.clamp(min=0)],
+                          float("inf"))                                  # [R, Kmax]
     t = cb.claim_t.to(dtype)
-    f_t = gt.frame_time.to(dtype)[cand.clamp(min=0)]                     # [C, Kmax]
-    dist = torch.where(c_mask, (t[:, None] - f_t).abs(), torch.full_like(f_t, float("inf")))
-    d_min = dist.amin(1)                                                 # [C] dt_m
-    slots = torch.arange(k_max, device=device)
-    slot = torch.where(c_mask & (dist == d_min[:, None]), slots, k_max).amin(1).clamp(max=k_max - 1)
-    frame = cand.gather(1, slot[:, None]).squeeze(1).clamp(min=0)        # [C] global frame
-    gate = c_mask.any(1) & (d_min <= tau)                                # [C] 1[dt_m <= tau]
+    d_min, slot = (t[:, None] - frame_t.index_select(0, q)).abs().min(1)  # [C] dt_m, [C]
+    frame = gt.frame_of.index_select(0, q).gather(1, slot[:, None]).squeeze(1).clamp(min=0)  # [C]
+    # 1[dt_m <= tau]; a record without annotated frames has dt_m = inf (tau is finite).
+    gate = d_min <= tau                                                  # [C]
 
     # IoU over the flat list of claim boxes (not the padded [C, Bmax] grid: one claim with
     # thousands of boxes must not multiply the work of every other claim).
     row = torch.repeat_interleave(torch.arange(n_claims, device=device), cb.box_count)   # [Btot] claim
-    col = torch.arange(row.numel(), device=device) - (torch.cumsum(cb.box_count, 0) - cb.box_count)[row]
-    flat = cb.boxes[row, col].to(dtype)                                  # [Btot, 4]
+    has_box = torch.arange(cb.boxes.shape[1], device=device) < cb.box_count[:, None]      # [C, Bmax]
+    flat = cb.boxes[has_box].to(dtype)                                   # [Btot, 4] claim-major
     o_max, p_max = gt.obj_name.shape[1], gt.frame_boxes.shape[1]
+    g_boxes = gt.frame_boxes.to(dtype)                                   # [K, P, 4]
+    # Object slot of each GT box; padding goes to a spare last slot, dropped below. Padding
+    # boxes are all zero: zero area, so IoU 0, which never wins a max (IoU >= 0).
+    g_slot = torch.where(gt.box_obj >= 0, gt.box_obj, o_max)             # [K, P]
+    g_count = gt.obj_count.to(dtype)                                     # [K]
     best_obj = torch.zeros(n_claims, o_max + 1, dtype=dtype, device=device)  # max IoU vs each object
     score_max = torch.zeros(n_claims, dtype=dtype, device=device)        # eq. 13 term
     score_avg = torch.zeros(n_claims, dtype=dtype, device=device)        # eq. 14 term
     step = max(1, _IOU_BLOCK // (p_max + o_max + 1))
     for lo in range(0, row.numel(), step):
         hi = min(row.numel(), lo + step)
-        f = frame[row[lo:hi]]                                            # [b] frame of each box's claim
-        g_obj = gt.box_obj[f]                                            # [b, P]
-        iou = pairwise_iou(flat[lo:hi, None, :], gt.frame_boxes[f].to(dtype))   # [b, P]
-        # IoU >= 0, so zeros for padding never win a max.
-        iou = torch.where(g_obj >= 0, iou, torch.zeros_like(iou))
-        # Max over each GT object's boxes: [b, Omax + 1], padded GT boxes land in the spare
-        # last slot, which is dropped.
+        claims_of = row[lo:hi]                                           # [b] claim of each box
+        f = frame.index_select(0, claims_of)                             # [b] its frame
+        iou = pairwise_iou(flat[lo:hi, None, :], g_boxes.index_select(0, f))   # [b, P]
+        # Max over each GT object's boxes: [b, Omax + 1].
         per_obj = torch.zeros(hi - lo, o_max + 1, dtype=dtype, device=device).scatter_reduce(
-            1, torch.where(g_obj >= 0, g_obj, o_max), iou, "amax")
+            1, g_slot.index_select(0, f), iou, "amax")
         per_obj[:, o_max] = 0
-        claims_of = row[lo:hi]
         # Segment maxima over each claim's boxes.
         best_obj.scatter_reduce_(0, claims_of[:, None].expand(-1, o_max + 1), per_obj, "amax")
         score_max.scatter_reduce_(0, claims_of, iou.amax(1), "amax")
-        score_avg.scatter_reduce_(0, claims_of, per_obj.sum(1) / gt.obj_count[f].to(dtype), "amax")
+        score_avg.scatter_reduce_(0, claims_of, per_obj.sum(1) / g_count.index_select(0, f), "amax")
     best_obj = best_obj[:, :o_max]
 
     if mode == "object_aware":
-        names = gt.obj_name[frame]                                       # [C, Omax]
+        names = gt.obj_name.index_select(0, frame)                       # [C, Omax]
         o_ok = names >= 0
         if identity == "none":
             match = o_ok
         else:
             match = o_ok & _name_match(cb.claim_obj[:, None].expand_as(names), names.clamp(min=0),
-                                       cb.names, gt.names, identity)
+                                       cb.names, gt.names, identity, native_identity)
         n_match = match.sum(1)
         valid = gate & (n_match > 0)                                     # m in I
         claim_score = torch.where(match, best_obj, torch.zeros_like(best_obj)).sum(1) / n_match.clamp(min=1)
@@ -256,39 +318,51 @@ def spatial_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tenso
                          cb.claim_rollout, torch.ones_like(claim_score), n)
 
 
-def _accuracy(parsed: Sequence[Parsed], records: Sequence[Record], index: Sequence[int]) -> list[float]:
+def _accuracy(answers: Sequence[str | None], records: Sequence[Record], index: Sequence[int]) -> list[float]:
+    """r_acc per text. It is a function of (answer, record), and the G rollouts of a prompt
+    often answer alike, so each distinct pair is scored once (ROUGE: each distinct (answer,
+    ground-truth answer), across records)."""
+    cache: dict[tuple[str, int], float] = {}
     rouge_cache: dict[tuple[str, str], float] = {}
     out = []
-    for p, r in zip(parsed, index):
-        rec, answer = records[r], p.answer
-        value = 0.0
+    for answer, r in zip(answers, index):
         if answer is None:
-            pass
-        elif rec.task in MCQ_TASKS:
-            letter = option_letter(answer)
-            value = 1.0 if letter is not None and letter == rec.gt_letter else 0.0
-        elif rec.task in FREE_FORM_TASKS:
-            key = (answer, rec.answer)
-            if key not in rouge_cache:
-                rouge_cache[key] = rouge(answer, rec.answer)
-            value = rouge_cache[key]
-        elif rec.task == "temporal QA":
-            pred = first_segment(answer)
-            if pred is not None and rec.segments:
-                value = max(segment_iou(pred, s) for s in rec.segments)
-        elif rec.task == "visual QA":
-            pred = first_box(answer)
-            if pred is not None and rec.gt_box is not None:
-                value = box_iou(pred, rec.gt_box)
+            out.append(0.0)
+            continue
+        value = cache.get((answer, r))
+        if value is None:
+            rec = records[r]
+            value = 0.0
+            if rec.task in MCQ_TASKS:
+                letter = option_letter(answer)
+                value = 1.0 if letter is not None and letter == rec.gt_letter else 0.0
+            elif rec.task in FREE_FORM_TASKS:
+                key = (answer, rec.answer)
+                if key not in rouge_cache:
+                    rouge_cache[key] = rouge(answer, rec.answer)
+                value = rouge_cache[key]
+            elif rec.task == "temporal QA":
+                pred = first_segment(answer)
+                if pred is not None and rec.segments:
+                    value = max(segment_iou(pred, s) for s in rec.segments)
+            elif rec.task == "visual QA":
+                pred = first_box(answer)
+                if pred is not None and rec.gt_box is not None:
+                    value = box_iou(pred, rec.gt_box)
+            cache[(answer, r)] = value
         out.append(value)
     return out
 
 
 def score(texts: Sequence[str], samples: Sequence[Mapping], cfg: RewardConfig, progress: float = 0.0,
-          *, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+          *, device: torch.device | str = "cpu", frontend: str | None = None) -> dict[str, torch.Tensor]:
     """Rewards of eq. 4 for each text: {accuracy, format, temporal, spatial, total}, each
     float32 [len(texts)]; ``samples[i]`` is the record of ``texts[i]``. Equals
-    ``reference.score_reference`` (to ~1e-7)."""
+    ``reference.score_reference`` (to ~1e-7). ``frontend``: parser backend (see
+    ``FRONTEND``, the default); every choice gives the same rewards."""
+    frontend = FRONTEND if frontend is None else frontend
+    if frontend not in BACKENDS:
+        raise ValueError(f"frontend must be one of {BACKENDS}, got {frontend!r}")
     if len(texts) != len(samples):
         raise ValueError(f"{len(texts)} texts but {len(samples)} samples")
     for i, t in enumerate(texts):
@@ -297,16 +371,23 @@ def score(texts: Sequence[str], samples: Sequence[Mapping], cfg: RewardConfig, p
     records, index = convert_records(samples)
     sigma = sigma_at(progress, cfg.sigma)
     check_config(cfg, sigma)
-    parsed = [parse(t) for t in texts]
+    batch = parse_texts(texts, frontend)
+    native = batch.backend == "native"
 
-    acc = torch.tensor(_accuracy(parsed, records, index), dtype=torch.float32)
-    fmt = torch.tensor([1.0 if not p.errors and (records[r].task != TEMPORAL_SPATIAL_TASK or p.claims)
-                        else 0.0 for p, r in zip(parsed, index)], dtype=torch.float32)
-    cb = claim_batch(parsed).to(device)
+    n = len(texts)
+    rollout_record = _tensor(index, torch.int64)                            # [N]
+    acc = _tensor(_accuracy(batch.answers(), records, index), torch.float32)
+    # r_fmt: well-formed, and the temporal-spatial task also needs a claim.
+    needs_claim = torch.tensor([r.task == TEMPORAL_SPATIAL_TASK for r in records],
+                               dtype=torch.bool).reshape(-1)[rollout_record]    # [N]
+    has_claim = torch.bincount(batch.claims.claim_rollout, minlength=n) > 0  # [N]
+    fmt = ((batch.n_errors == 0) & (has_claim | ~needs_claim)).to(torch.float32)
+    cb = batch.claims.to(device)
     gt = ground_truth(records, device)
-    rollout_record = torch.tensor(index, dtype=torch.int64, device=device)
+    rollout_record = rollout_record.to(device)
     tmp = temporal_rewards(cb, gt, rollout_record, sigma).to(torch.float32).cpu()
-    spa = spatial_rewards(cb, gt, rollout_record, cfg.tau, cfg.spatial_mode, cfg.identity).to(torch.float32).cpu()
+    spa = spatial_rewards(cb, gt, rollout_record, cfg.tau, cfg.spatial_mode, cfg.identity,
+                          native_identity=native).to(torch.float32).cpu()
     out = {"accuracy": acc, "format": fmt, "temporal": tmp, "spatial": spa}
     out["total"] = acc + fmt + tmp + spa
     return {k: v.to(device) for k, v in out.items()}
