@@ -32,7 +32,7 @@ import triton.language as tl
 
 from visioncoach.kernels._backend import Backend, resolve_backend
 
-__all__ = ["ClaimIoU", "claim_iou", "claim_iou_reference"]
+__all__ = ["ClaimIoU", "claim_iou", "claim_iou_reference", "pairwise_iou"]
 
 
 class ClaimIoU(NamedTuple):
@@ -43,7 +43,7 @@ class ClaimIoU(NamedTuple):
     score_avg: torch.Tensor  # [C] f32 eq. 14 term (ungated)
 
 
-def _iou(a, b):
+def pairwise_iou(a, b):
     """[..., 4] x [..., 4] -> [...] continuous IoU, 0 for zero-area boxes (fp32)."""
     wa, ha = a[..., 2] - a[..., 0], a[..., 3] - a[..., 1]
     wb, hb = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
@@ -71,7 +71,7 @@ def claim_iou_reference(claim_t, claim_record, boxes, box_count, frame_of, frame
     f = frame.clamp(min=0)
     gt = frame_boxes[f]                                                   # [C, P, 4]
     g_obj = torch.where(frame[:, None] >= 0, box_obj[f], -1)              # [C, P]
-    iou = _iou(boxes[:, :, None, :], gt[:, None, :, :])                   # [C, Bmax, P]
+    iou = pairwise_iou(boxes[:, :, None, :], gt[:, None, :, :])                   # [C, Bmax, P]
     b_ok = torch.arange(Bmax, device=dev)[None, :] < box_count[:, None]   # [C, Bmax]
     iou = torch.where(b_ok[:, :, None] & (g_obj[:, None, :] >= 0), iou, 0.0)
     onehot = g_obj[:, :, None] == torch.arange(n_obj, device=dev)         # [C, P, O]

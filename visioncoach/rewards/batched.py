@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from visioncoach.kernels.claim_iou import pairwise_iou  # the one IoU formula (eqs. 8, 13-15)
+
 from visioncoach.config import RewardConfig
 from visioncoach.grounding import (BACKENDS, Box, ClaimBatch, first_box, first_segment,
                                    normalize_name, option_letter, parse_texts)
@@ -186,20 +188,6 @@ def convert_records(samples: Sequence[Mapping]) -> tuple[list[Record], list[int]
             records.append(convert(s, i))
         index.append(seen[k])
     return records, index
-
-
-def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of ordered xyxy boxes broadcast over leading dims ([..., 4] each -> [...]);
-    continuous, 0 when either box has zero area (as ``reference.box_iou``)."""
-    wa, ha = a[..., 2] - a[..., 0], a[..., 3] - a[..., 1]
-    wb, hb = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
-    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
-    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
-    inter = iw * ih
-    union = wa * ha + wb * hb - inter
-    ok = (wa > 0) & (ha > 0) & (wb > 0) & (hb > 0) & (union > 0)
-    return torch.where(ok, inter / torch.where(ok, union, torch.ones_like(union)),
-                       torch.zeros_like(inter)).clamp(max=1.0)
 
 
 def _segment_mean(values: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor, n: int) -> torch.Tensor:
