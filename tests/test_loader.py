@@ -44,3 +44,22 @@ def test_sharding_is_disjoint_complete_and_deterministic():
     assert list(s) != shards[0]
     with pytest.raises(ValueError):
         L.ShardSampler(10, 3, 3)
+
+
+def test_reward_record_is_converted_once_for_the_model_frame_size(data_with_bad_files):
+    from visioncoach.processor import build_inputs, smart_resize
+    from visioncoach.rewards import convert
+
+    data, _ = data_with_bad_files
+    budget = (28 * 28 * 4, 28 * 28 * 6)          # forces a resize of the 112 x 84 frames
+    s = L.ClipDataset(data, nframes=4, backend="pyav", pixels=budget)[0]
+    h, w = smart_resize(84, 112, *budget)
+    assert (w, h) != (112, 84)
+    assert s.reward_record == convert({**s.record, "frame_size": [w, h]}, 0)
+    assert s.reward_record.frames, "the synthetic record has annotated key frames"
+    # The frame size is the one the processor gives the model.
+    from visioncoach.models.tokenizer import qwen25_tokenizer
+    inputs = build_inputs(s.frames, s.times, s.duration, "q", qwen25_tokenizer(),
+                          min_pixels=budget[0], max_pixels=budget[1])
+    assert tuple(inputs.frame_size) == (w, h)
+    assert L.ClipDataset(data, nframes=4, backend="pyav")[0].reward_record is None

@@ -561,6 +561,35 @@ def test_batched_equals_reference_on_generated_outputs(batch):
         check_in_range(r, len(texts))
 
 
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(batches())
+def test_kernel_backend_equals_tensor_path_on_generated_outputs(batch):
+    # The Triton kernels (interpreted here, as on CUDA by default) inside score(): float32
+    # against the float64 tensor path; the generator's times and boxes sit on exact dt == tau
+    # and interval-end ties, which float32 differences of float32 inputs keep exact.
+    texts, samples, identity, sigma, tau, progress = batch
+    for mode in ("object_aware", "max", "avg"):
+        cfg = RewardConfig(sigma=sigma, tau=tau, spatial_mode=mode, identity=identity)
+        fast = score(texts, samples, cfg, progress, backend="triton")
+        ref = score(texts, samples, cfg, progress, backend="torch")
+        for k in KEYS:
+            torch.testing.assert_close(fast[k], ref[k], atol=2e-6, rtol=0, msg=k)
+
+
+def test_converted_records_are_used_as_is(monkeypatch):
+    from visioncoach.rewards import convert
+
+    a, b = scene({"dog": [DOG]}, answer="a dog runs"), scene({"cat": [CAT]}, answer="a cat")
+    texts = [out(claim("dog", [DOG], 2.0), "a dog runs"), out("x"), out(claim("cat", [CAT], 2.5), "cat")]
+    expected = score(texts, [a, a, b], RewardConfig())
+    ra, rb = convert(a, 0), convert(b, 1)
+    monkeypatch.setattr(batched, "convert", lambda s, i: pytest.fail("a Record was converted again"))
+    got = score(texts, [ra, ra, rb], RewardConfig())
+    for k in KEYS:
+        torch.testing.assert_close(got[k], expected[k], atol=0, rtol=0, msg=k)
+
+
 def test_generated_cases_reach_every_branch():
     # Guard against a generator that only ever produces zeros.
     seen = {k: 0 for k in KEYS}

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visioncoach.data.decode import DecodeError, decode
 from visioncoach.data.stgr import STGRDataset
+from visioncoach.processor import smart_resize
+from visioncoach.rewards.records import Record, convert
 
 
 @dataclass
@@ -28,6 +30,10 @@ class ClipSample:
     times: torch.Tensor    # [F] float64 seconds
     is_key: torch.Tensor   # [F] bool
     duration: float
+    # The record's reward ground truth in pixels of the resized frames the model sees
+    # (``rewards.records.convert``), converted here once, in the worker, so the reward
+    # never re-validates it per rollout; None when the dataset was built without pixels.
+    reward_record: Record | None = None
 
 
 @dataclass
@@ -38,11 +44,16 @@ class SampleFailure:
 
 
 class ClipDataset(Dataset):
-    """Decodes ``nframes`` uniform frames + the record's key frames for each record."""
+    """Decodes ``nframes`` uniform frames + the record's key frames for each record.
+
+    With ``pixels = (min_pixels, max_pixels)`` (the processor's budget) each sample also
+    carries its reward record for the frame size the model will see.
+    """
 
     def __init__(self, data: STGRDataset, nframes: int, backend: str = "auto",
-                 max_side: int | None = None):
+                 max_side: int | None = None, pixels: tuple[int, int] | None = None):
         self.data, self.nframes, self.backend, self.max_side = data, nframes, backend, max_side
+        self.pixels = pixels
 
     def __len__(self) -> int:
         return len(self.data)
@@ -55,7 +66,14 @@ class ClipDataset(Dataset):
                           backend=self.backend, max_side=self.max_side)
         except DecodeError as exc:
             return SampleFailure(i, rec["id"], exc.reason)
-        return ClipSample(i, rec, clip.frames, clip.times, clip.is_key, clip.duration)
+        reward_record = None
+        if self.pixels is not None:
+            h, w = smart_resize(clip.frames.shape[1], clip.frames.shape[2], *self.pixels)
+            try:
+                reward_record = convert({**rec, "frame_size": [w, h]}, i)
+            except ValueError as exc:  # validated at load; only a frame size can fail here
+                return SampleFailure(i, rec["id"], f"reward record: {exc}")
+        return ClipSample(i, rec, clip.frames, clip.times, clip.is_key, clip.duration, reward_record)
 
 
 class ShardSampler(Sampler[int]):

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from visioncoach.kernels.claim_iou import pairwise_iou  # the one IoU formula (eqs. 8, 13-15)
+from visioncoach.kernels._backend import resolve_backend
+from visioncoach.kernels.claim_iou import claim_iou, pairwise_iou  # the one IoU formula (eqs. 8, 13-15)
+from visioncoach.kernels.temporal_reward import temporal_point_reward
 
 from visioncoach.config import RewardConfig
 from visioncoach.grounding import (BACKENDS, Box, ClaimBatch, first_box, first_segment,
@@ -175,9 +177,10 @@ def ground_truth(records: Sequence[Record], device: torch.device | str = "cpu") 
                           for k, v in vars(gt).items()})
 
 
-def convert_records(samples: Sequence[Mapping]) -> tuple[list[Record], list[int]]:
+def convert_records(samples: Sequence[Mapping | Record]) -> tuple[list[Record], list[int]]:
     """Distinct records (by object identity: the G rollouts of a prompt share one) and, for
-    each sample, the index of its record."""
+    each sample, the index of its record. A ``Record`` (already validated and converted by
+    ``records.convert``, as the data loader does once per record) is used as is."""
     seen: dict[int, int] = {}
     records: list[Record] = []
     index: list[int] = []
@@ -185,7 +188,7 @@ def convert_records(samples: Sequence[Mapping]) -> tuple[list[Record], list[int]
         k = id(s)
         if k not in seen:
             seen[k] = len(records)
-            records.append(convert(s, i))
+            records.append(s if isinstance(s, Record) else convert(s, i))
         index.append(seen[k])
     return records, index
 
@@ -198,11 +201,18 @@ def _segment_mean(values: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
 
 
 def temporal_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tensor, sigma: float,
-                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """r_tmp per rollout [N] (eqs. 5-6), see ``reference.temporal_reward``."""
+                     dtype: torch.dtype = torch.float64, backend: str = "auto") -> torch.Tensor:
+    """r_tmp per rollout [N] (eqs. 5-6), see ``reference.temporal_reward``. ``backend``:
+    ``triton`` computes the per-time terms with ``kernels.temporal_point_reward`` (float32;
+    ``auto`` = on CUDA tensors), ``torch`` with the tensor ops below in ``dtype``."""
     n = cb.n_rollouts
     if cb.times.numel() == 0:
         return torch.zeros(n, dtype=dtype, device=cb.times.device)
+    if resolve_backend(backend, cb.times) == "triton":
+        r_m = temporal_point_reward(cb.times, rollout_record.index_select(0, cb.time_rollout),
+                                    gt.times, gt.time_mask, gt.segments, gt.seg_mask, sigma,
+                                    backend="triton").to(dtype)                      # [M]
+        return _segment_mean(r_m, cb.time_rollout, torch.ones_like(r_m), n)
     # Masks folded into the [R, *] ground truth first, so the [M, *] work is a gather and one
     # pass: padded times are +inf (never nearest), padded segments [+inf, -inf] (hold nothing).
     inf = float("inf")
@@ -236,15 +246,25 @@ def _name_match(pred_ids: torch.Tensor, gt_ids: torch.Tensor, pred_names: list[s
 
 def spatial_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tensor, tau: float,
                     mode: str, identity: str, dtype: torch.dtype = torch.float64,
-                    native_identity: bool = False) -> torch.Tensor:
+                    native_identity: bool = False, backend: str = "auto") -> torch.Tensor:
     """r_spa per rollout [N]: object_aware (eqs. 7-8, 15), max (eq. 13) or avg (eq. 14); see
     ``reference.spatial_reward`` for the definitions. ``native_identity``: I(o_m, o) from the
-    C++ op instead of Python string compares."""
+    C++ op instead of Python string compares. ``backend``: ``triton`` takes the nearest key
+    frame and the IoU maxima from one ``kernels.claim_iou`` launch (float32; ``auto`` = on
+    CUDA tensors), ``torch`` computes them with the blocked tensor ops below in ``dtype``."""
     n = cb.n_rollouts
     device = cb.claim_t.device
     n_claims = cb.claim_t.numel()
     if n_claims == 0 or gt.frame_time.numel() == 0:
         return torch.zeros(n, dtype=dtype, device=device)
+    o_max = gt.obj_name.shape[1]
+    if resolve_backend(backend, cb.claim_t) == "triton":
+        q = rollout_record.index_select(0, cb.claim_rollout)             # [C]
+        ci = claim_iou(cb.claim_t, q, cb.boxes, cb.box_count, gt.frame_of, gt.frame_time,
+                       gt.frame_boxes, gt.box_obj, gt.obj_count, o_max, backend="triton")
+        return _claim_scores(cb, gt, ci.frame.clamp(min=0), ci.dt.to(dtype) <= tau,
+                             ci.best_obj.to(dtype), ci.score_max.to(dtype), ci.score_avg.to(dtype),
+                             mode, identity, native_identity)
 
     # Nearest annotated key frame t~_m of each claim: key-frame times per record with +inf
     # padding, then a min whose index is the first minimal slot, i.e. the earlier frame on
@@ -263,7 +283,7 @@ def spatial_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tenso
     row = torch.repeat_interleave(torch.arange(n_claims, device=device), cb.box_count)   # [Btot] claim
     has_box = torch.arange(cb.boxes.shape[1], device=device) < cb.box_count[:, None]      # [C, Bmax]
     flat = cb.boxes[has_box].to(dtype)                                   # [Btot, 4] claim-major
-    o_max, p_max = gt.obj_name.shape[1], gt.frame_boxes.shape[1]
+    p_max = gt.frame_boxes.shape[1]
     g_boxes = gt.frame_boxes.to(dtype)                                   # [K, P, 4]
     # Object slot of each GT box; padding goes to a spare last slot, dropped below. Padding
     # boxes are all zero: zero area, so IoU 0, which never wins a max (IoU >= 0).
@@ -287,7 +307,16 @@ def spatial_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tenso
         score_max.scatter_reduce_(0, claims_of, iou.amax(1), "amax")
         score_avg.scatter_reduce_(0, claims_of, per_obj.sum(1) / g_count.index_select(0, f), "amax")
     best_obj = best_obj[:, :o_max]
+    return _claim_scores(cb, gt, frame, gate, best_obj, score_max, score_avg, mode, identity,
+                         native_identity)
 
+
+def _claim_scores(cb: ClaimBatch, gt: GroundTruth, frame: torch.Tensor, gate: torch.Tensor,
+                  best_obj: torch.Tensor, score_max: torch.Tensor, score_avg: torch.Tensor,
+                  mode: str, identity: str, native_identity: bool) -> torch.Tensor:
+    """Per-rollout r_spa from each claim's nearest frame [C], temporal gate [C] and IoU maxima
+    (best_obj [C, Omax], score_max / score_avg [C]): identity, validity and the means."""
+    n = cb.n_rollouts
     if mode == "object_aware":
         names = gt.obj_name.index_select(0, frame)                       # [C, Omax]
         o_ok = names >= 0
@@ -342,12 +371,17 @@ def _accuracy(answers: Sequence[str | None], records: Sequence[Record], index: S
     return out
 
 
-def score(texts: Sequence[str], samples: Sequence[Mapping], cfg: RewardConfig, progress: float = 0.0,
-          *, device: torch.device | str = "cpu", frontend: str | None = None) -> dict[str, torch.Tensor]:
+def score(texts: Sequence[str], samples: Sequence[Mapping | Record], cfg: RewardConfig,
+          progress: float = 0.0, *, device: torch.device | str = "cpu", frontend: str | None = None,
+          backend: str = "auto") -> dict[str, torch.Tensor]:
     """Rewards of eq. 4 for each text: {accuracy, format, temporal, spatial, total}, each
-    float32 [len(texts)]; ``samples[i]`` is the record of ``texts[i]``. Equals
-    ``reference.score_reference`` (to ~1e-7). ``frontend``: parser backend (see
-    ``FRONTEND``, the default); every choice gives the same rewards."""
+    float32 [len(texts)]; ``samples[i]`` is the record of ``texts[i]``: a record dict, or a
+    ``Record`` converted once ahead (the data loader does, so training never re-validates).
+    Equals ``reference.score_reference`` (to ~1e-7). ``frontend``: parser backend (see
+    ``FRONTEND``, the default); every choice gives the same rewards. ``backend``: the
+    temporal/spatial math on ``device``: ``auto`` = the Triton kernels on CUDA, tensor ops
+    elsewhere; ``triton`` / ``torch`` force one (the kernels are float32, so they can differ
+    from the float64 tensor path at exact ties of dt <= tau and interval ends)."""
     frontend = FRONTEND if frontend is None else frontend
     if frontend not in BACKENDS:
         raise ValueError(f"frontend must be one of {BACKENDS}, got {frontend!r}")
@@ -373,9 +407,9 @@ def score(texts: Sequence[str], samples: Sequence[Mapping], cfg: RewardConfig, p
     cb = batch.claims.to(device)
     gt = ground_truth(records, device)
     rollout_record = rollout_record.to(device)
-    tmp = temporal_rewards(cb, gt, rollout_record, sigma).to(torch.float32).cpu()
+    tmp = temporal_rewards(cb, gt, rollout_record, sigma, backend=backend).to(torch.float32).cpu()
     spa = spatial_rewards(cb, gt, rollout_record, cfg.tau, cfg.spatial_mode, cfg.identity,
-                          native_identity=native).to(torch.float32).cpu()
+                          native_identity=native, backend=backend).to(torch.float32).cpu()
     out = {"accuracy": acc, "format": fmt, "temporal": tmp, "spatial": spa}
     out["total"] = acc + fmt + tmp + spa
     return {k: v.to(device) for k, v in out.items()}
