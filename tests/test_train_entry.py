@@ -56,7 +56,7 @@ def test_torchrun_two_processes_start_up(tmp_path):
     # SFT ran under DDP on both ranks: metrics for 3 steps, checkpoints at 2 and 3, a summary.
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    assert (tmp_path / "run" / "checkpoints" / "sft" / "latest").read_text().strip() == "step-00000003"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["sft"]["steps"] == 3
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())

@@ -58,8 +58,8 @@ def test_sft_reduces_loss_and_writes_metrics(dataset, tokenizer, tmp_path):
     assert [m["step"] for m in hist] == list(range(1, 7))
     assert hist[-1]["loss"] < hist[0]["loss"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 6 and {"tokens_per_s", "time_fwd_bwd_s", "peak_mem_gb", "lr", "grad_norm"} <= set(lines[0])
-    assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000006"
+    assert len(lines) == 6 and {"tokens_per_s", "time_forward_s", "time_backward_optim_s", "peak_mem_gb", "lr", "grad_norm"} <= set(lines[0])
+    assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints" / "sft").name == "step-00000006"
 
 
 def test_resume_continues_exactly(dataset, tokenizer, tmp_path):
@@ -72,21 +72,21 @@ def test_resume_continues_exactly(dataset, tokenizer, tmp_path):
     resumed.maybe_resume("auto")
     assert resumed.step == 2
     resumed.run()
-    for (name, a), (_, b) in zip(straight.raw_model.named_parameters(), resumed.raw_model.named_parameters()):
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
     # The saved model loads with transformers.
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     m = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        ckpt_mod.latest_checkpoint(tmp_path / "b" / "checkpoints") / "model")
-    assert torch.equal(m.lm_head.weight, resumed.raw_model.lm_head.weight)
+        ckpt_mod.latest_checkpoint(tmp_path / "b" / "checkpoints" / "sft") / "model")
+    assert torch.equal(m.lm_head.weight, resumed.model.lm_head.weight)
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(dataset, tokenizer, tmp_path, monkeypatch):
     r = _runner(_cfg(), dataset, tokenizer, tmp_path)
     r.steps = 2
     r.run()
-    good = ckpt_mod.latest_checkpoint(tmp_path / "checkpoints")
+    good = ckpt_mod.latest_checkpoint(tmp_path / "checkpoints" / "sft")
     real_save = torch.save
 
     def crash(*a, **k):
@@ -97,17 +97,17 @@ def test_crash_mid_save_keeps_previous_checkpoint(dataset, tokenizer, tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         r.run()
     monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
-    assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints") == good
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", good.name]
+    assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints" / "sft") == good
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "sft").iterdir()) == ["latest", good.name]
 
 
 def test_non_finite_steps_are_skipped_then_stop(dataset, tokenizer, tmp_path, monkeypatch):
     r = _runner(_cfg(**{"optim.max_nonfinite_steps": 2, "log.checkpoint_every": 100}), dataset,
                 tokenizer, tmp_path)
-    before = [p.detach().clone() for p in r.raw_model.parameters()]
+    before = [p.detach().clone() for p in r.model.parameters()]
     monkeypatch.setattr(loop_mod, "sft_loss", lambda model, ex: (
         sum(p.sum() for p in model.parameters()) * float("nan"), 1))
     with pytest.raises(loop_mod.NonFiniteError, match="optim.max_nonfinite_steps"):
         r.run()
-    assert all(torch.equal(a, b) for a, b in zip(before, r.raw_model.parameters()))
-    assert not (tmp_path / "checkpoints").exists()  # never a NaN checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(before, r.model.parameters()))
+    assert not (tmp_path / "checkpoints" / "sft").exists()  # never a NaN checkpoint

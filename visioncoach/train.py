@@ -1,12 +1,18 @@
 """Entry point: ``torchrun --nproc_per_node=N -m visioncoach.train [--config FILE] [--key=value ...]``.
 
-Today this runs the start-up that every training run goes through: config validation (before
-any model is built), the process group, the dataset (the bundled synthetic one is generated
-on first use) validated up front, the policy and processor, and a preflight that checks that
-every rank built identical weights and that the data path works end to end on this machine:
-the first sample is decoded, turned into model inputs and run forward and backward. Then the
-SFT cold start runs (``visioncoach.trainer.loop.SFTRunner``). The RL stage (VisionCoach
-Algorithm 1) is not implemented yet; the run says so and skips it.
+Start-up: config validation (before any model is built), the process group, the dataset (the
+bundled synthetic one is generated on first use) validated up front, the policy and
+processor, and a preflight that checks that every rank built identical weights and that the
+data path works end to end on this machine (the first sample is decoded, turned into model
+inputs and run forward and backward). Then the stages of ``stage``: the SFT cold start
+(``visioncoach.trainer.loop.SFTRunner``) and RL, VisionCoach Algorithm 1
+(``visioncoach.trainer.rl.RLRunner``).
+
+With the synthetic dataset, a held-out synthetic set (another seed) is rolled out greedily
+before and after SFT: ``summary.json`` records its mean format reward, i.e. whether the cold
+start taught the output format. RL's summary is the mean reward per component over its
+first and last steps. ``--log.resume=auto`` continues the last stage that has a checkpoint
+(an RL checkpoint means SFT is done).
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from collections import Counter
+
 import torch
 
 from visioncoach import config as config_lib
+from visioncoach.trainer.checkpoint import latest_checkpoint
 
 log = logging.getLogger("visioncoach.train")
 
@@ -53,8 +62,9 @@ def param_checksum(model: torch.nn.Module) -> torch.Tensor:
     return s
 
 
-def prepare_dataset(cfg, dist_info):
-    """The STGR dataset of ``data.dataset``; rank 0 generates the synthetic one first."""
+def prepare_dataset(cfg, dist_info, sft: bool | None = None):
+    """The STGR dataset of ``data.dataset``; rank 0 generates the synthetic one first.
+    ``sft``: require SFT reasoning in every record (default: unless the stage is RL only)."""
     import torch.distributed as dist
 
     from visioncoach.data.stgr import load_stgr
@@ -68,7 +78,60 @@ def prepare_dataset(cfg, dist_info):
         path = ensure_synthetic(cfg.data.synthetic_samples, cfg.seed)
     else:
         path = cfg.data.dataset
-    return load_stgr(path, cfg.data.video_root or None, sft=cfg.stage != "rl")
+    return load_stgr(path, cfg.data.video_root or None, sft=cfg.stage != "rl" if sft is None else sft)
+
+
+HELDOUT_SAMPLES = 8
+
+
+def _heldout_set(cfg, dist_info):
+    """Synthetic records of another seed (none of the training clips), for the SFT check."""
+    if cfg.data.dataset != "synthetic":
+        return None
+    from visioncoach.data.loader import ClipDataset
+    from visioncoach.data.stgr import load_stgr
+    from visioncoach.data.synthetic import ensure_synthetic
+
+    data = load_stgr(ensure_synthetic(HELDOUT_SAMPLES, cfg.seed + 7919), sft=False)
+    clips = ClipDataset(data, cfg.data.nframes, backend=cfg.data.decoder,
+                        pixels=(cfg.data.min_pixels, cfg.data.max_pixels))
+    return [c for c in (clips[i] for i in range(len(clips))) if hasattr(c, "frames")]
+
+
+def heldout_format_reward(model, tokenizer, samples, cfg) -> float:
+    """Mean format reward of greedy answers to ``samples`` (``ClipSample`` with reward records)."""
+    from visioncoach.processor import build_inputs
+    from visioncoach.prompts import user_text
+    from visioncoach.rewards import score
+    from visioncoach.rollout.engine import generate_group
+
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    texts = []
+    for s in samples:
+        inputs = build_inputs(s.frames.to(next(model.parameters()).device), s.times, s.duration,
+                              user_text(s.record["question"], s.record["task"]), tokenizer,
+                              layout=cfg.data.layout, min_pixels=cfg.data.min_pixels,
+                              max_pixels=cfg.data.max_pixels)
+        g = generate_group(model, inputs, 1, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True,
+                           eos_token_ids=[e for e in eos if e is not None],
+                           pad_token_id=tokenizer.pad_token_id)
+        texts.append(tokenizer.decode(g.tokens[0, :int(g.lengths[0])].tolist(), skip_special_tokens=True))
+    return float(score(texts, [s.reward_record for s in samples], cfg.reward)["format"].mean())
+
+
+def rl_summary(history: list[dict], steps: int) -> dict:
+    """Mean reward per component over the first and the last fifth of the RL steps."""
+    rows = [m for m in history if "reward_total" in m]
+    k = max(1, len(rows) // 5)
+    keys = ("accuracy", "format", "temporal", "spatial", "total")
+    mean = lambda part, key: sum(m[f"reward_{key}"] for m in part) / max(1, len(part))  # noqa: E731
+    return {"steps": steps, "window": k,
+            "reward": {key: {"first": round(mean(rows[:k], key), 4), "last": round(mean(rows[-k:], key), 4)}
+                       for key in keys},
+            "hard_frac": round(sum(m["hard_frac"] for m in rows) / max(1, len(rows)), 4),
+            "vp_counts": dict(sum((Counter(m.get("vp_counts", {})) for m in rows), Counter())),
+            "vp_rollouts": sum(m.get("vp_rollouts", 0) for m in rows),
+            "sd_rows": sum(m.get("sd_rows", 0) for m in rows)}
 
 
 def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
@@ -144,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         report = preflight(model, processor.tokenizer, dataset, cfg, dist_info)
         log.info("preflight: %s", report)
         summary = {}
-        if cfg.stage in ("sft", "sft+rl"):
+        heldout = _heldout_set(cfg, dist_info) if dist_info.is_main else None
+        rl_ckpt = cfg.log.resume and latest_checkpoint(out_dir / "checkpoints" / "rl") is not None
+        if cfg.stage in ("sft", "sft+rl") and not rl_ckpt:
             from visioncoach.trainer.loop import SFTRunner
 
+            if heldout is not None:
+                summary["heldout_format_before_sft"] = heldout_format_reward(model, processor.tokenizer,
+                                                                             heldout, cfg)
             runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir)
             runner.maybe_resume(cfg.log.resume)
             history = [m for m in runner.run() if m["loss"] is not None]
@@ -155,8 +223,22 @@ def main(argv: list[str] | None = None) -> int:
                 summary["sft"] = {"steps": runner.step,
                                   "loss_first": sum(m["loss"] for m in history[:k]) / k,
                                   "loss_last": sum(m["loss"] for m in history[-k:]) / k}
+            if heldout is not None:
+                summary["heldout_format_after_sft"] = heldout_format_reward(model, processor.tokenizer,
+                                                                            heldout, cfg)
+                log.info("held-out format reward (%d synthetic samples, greedy): %.3f before SFT, "
+                         "%.3f after", len(heldout), summary["heldout_format_before_sft"],
+                         summary["heldout_format_after_sft"])
+            del runner
         if cfg.stage in ("rl", "sft+rl"):
-            log.info("stage 'rl': the RL stage (VisionCoach Algorithm 1) is not implemented yet; skipped")
+            from visioncoach.trainer.rl import RLRunner
+
+            rl_data = dataset if cfg.stage == "rl" else prepare_dataset(cfg, dist_info, sft=False)
+            runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir)
+            runner.maybe_resume(cfg.log.resume)
+            history = runner.run()
+            summary["rl"] = rl_summary(history, runner.step)
+            log.info("RL: mean reward per component, first -> last steps: %s", summary["rl"]["reward"])
         if dist_info.is_main:
             _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
             log.info("summary: %s (metrics in %s)", summary, out_dir / "metrics.jsonl")

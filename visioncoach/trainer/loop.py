@@ -1,16 +1,24 @@
 """The training loop: one readable step function per stage, around a shared harness.
 
-Harness: AdamW, warm-up + cosine (or linear/constant) schedule, gradient clipping, DDP when
-launched with several processes, a deterministic resumable data position, atomic
-checkpoints, per-step JSONL metrics with per-phase timings, tokens/s and peak memory, and
-non-finite steps skipped (and counted; several in a row stop the run with a clear message).
+Harness (``StageRunner``): AdamW, warm-up + cosine (or linear/constant) schedule, gradient
+averaging across ranks, clipping, a deterministic resumable data position, atomic
+checkpoints (``checkpoints/<stage>/``), per-step JSONL metrics with per-phase timings,
+tokens/s and peak memory, and non-finite steps skipped (and counted; several in a row stop
+the run with a clear message).
 
-Stages: SFT cold start (token NLL of the reference reasoning). The RL stage (VisionCoach
-Algorithm 1) is not implemented yet.
+Stages: SFT cold start (``SFTRunner``: token NLL of the reference reasoning) and RL
+(``visioncoach.trainer.rl.RLRunner``: VisionCoach Algorithm 1).
+
+Gradients are averaged with one all-reduce per bucket after the backward
+(``visioncoach.utils.dist.allreduce_gradients``) rather than by DistributedDataParallel:
+the losses run the language model's submodules directly (prompt prefill shared by G
+rollouts, hidden states into the fused LM-head kernel), which bypasses DDP's forward and
+with it DDP's gradient hooks.
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -24,6 +32,8 @@ import torch.distributed as dist
 from visioncoach.data.loader import ClipDataset, FailureCounter, make_loader, split_failures
 from visioncoach.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from visioncoach.trainer.sft import build_sft_example, sft_loss
+from visioncoach.utils.dist import allreduce_gradients
+from visioncoach.utils.profiling import StepProfiler, nvtx_range
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +59,37 @@ def _peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-class SFTRunner:
-    """Runs ``steps`` SFT steps on ``dataset`` (an ``STGRDataset`` with reasoning), resumable."""
+class StageRunner(abc.ABC):
+    """Shared harness of a training stage; subclasses define ``stage`` and ``train_step``."""
 
-    def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir: Path):
+    stage = ""
+
+    def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir: Path, *, lr: float,
+                 steps: int, updates_per_step: int = 1, pixels: tuple[int, int] | None = None):
         self.cfg, self.dist, self.tokenizer, self.dataset = cfg, dist_info, tokenizer, dataset
         self.out_dir = out_dir
-        self.raw_model = model
-        if dist_info.backend is not None and dist_info.world_size > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
-        else:
-            self.model = model
+        self.model = model
         o = cfg.optim
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=o.sft_lr, betas=tuple(o.betas), eps=o.eps,
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
-        per_epoch = max(1, math.ceil(len(dataset) / dist_info.world_size / cfg.data.batch_size))
-        self.steps = o.sft_steps if o.sft_steps > 0 else per_epoch
+        per_epoch = max(1, math.ceil(len(dataset) / dist_info.world_size / self.batch_size))
+        self.steps = steps if steps > 0 else per_epoch
         self.steps_per_epoch = per_epoch
+        updates = self.steps * updates_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(o.scheduler, self.steps, int(o.warmup_ratio * self.steps)))
-        self.clips = ClipDataset(dataset, cfg.data.nframes, backend=cfg.data.decoder)
+            self.optimizer, lr_lambda(o.scheduler, updates, int(o.warmup_ratio * updates)))
+        self.clips = ClipDataset(dataset, cfg.data.nframes, backend=cfg.data.decoder, pixels=pixels)
         self.failures = FailureCounter()
         self.step = 0
         self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
         self.metrics_path = out_dir / "metrics.jsonl"
+        self.ckpt_dir = out_dir / "checkpoints" / self.stage
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.data.batch_size
 
     # -- data ------------------------------------------------------------------------------
     def _batches(self):
@@ -82,16 +97,136 @@ class SFTRunner:
         cfg = self.cfg
         while True:
             epoch, within = divmod(self.step, self.steps_per_epoch)
-            loader = make_loader(self.clips, batch_size=cfg.data.batch_size, rank=self.dist.rank,
+            loader = make_loader(self.clips, batch_size=self.batch_size, rank=self.dist.rank,
                                  world=self.dist.world_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
                                  num_workers=cfg.data.num_workers)
-            loader.sampler.set_epoch(epoch, start=within * cfg.data.batch_size)
+            loader.sampler.set_epoch(epoch, start=within * self.batch_size)
             for batch in loader:
                 yield batch
                 if self.step % self.steps_per_epoch == 0:
                     break  # epoch boundary: rebuild the permutation for the next epoch
 
-    # -- one step --------------------------------------------------------------------------
+    def zero_loss(self) -> torch.Tensor:
+        """A loss of 0 touching every trainable parameter: a rank whose samples all failed
+        still joins the gradient all-reduce with the same tensors as the others."""
+        return sum(p.sum() * 0.0 for p in self.params)
+
+    # -- one optimizer update ----------------------------------------------------------------
+    def update(self, loss: torch.Tensor) -> tuple[bool, torch.Tensor, float]:
+        """Backward, average gradients over ranks, clip, and step unless anything is
+        non-finite on any rank. Returns (applied, grad norm, lr used)."""
+        loss.backward()
+        allreduce_gradients(self.params, self.dist.world_size if self.dist.backend else 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        if self.dist.backend is not None:
+            flag = finite.to(torch.float32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag > 0
+        # One host read per update, after the backward: whether to apply it at all.
+        ok = bool(finite)
+        lr = self.scheduler.get_last_lr()[0]
+        if ok:
+            self.optimizer.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if not ok:
+            log.warning("%s step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        self.stage, self.step + 1, self.nonfinite_in_row)
+            if self.nonfinite_in_row >= self.cfg.optim.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_row} non-finite updates in a row in stage {self.stage!r} "
+                    f"(config key 'optim.max_nonfinite_steps'); last good checkpoint: "
+                    f"{latest_checkpoint(self.ckpt_dir)}")
+        return ok, grad_norm, lr
+
+    @abc.abstractmethod
+    def train_step(self, batch) -> dict:
+        """One step on ``batch`` (a list of ``ClipSample | SampleFailure``); its metrics."""
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        """JSON state saved with the checkpoint (beyond weights, optimizer, scheduler, RNG)."""
+        return {"stage": self.stage, "step": self.step}
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def save(self) -> Path | None:
+        if self.dist.backend is not None:
+            dist.barrier()
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler,
+                                   self.trainer_state())
+            log.info("checkpoint %s", path)
+        if self.dist.backend is not None:
+            dist.barrier()
+        return path
+
+    def maybe_resume(self, resume: str) -> bool:
+        """Load ``resume`` (a checkpoint path, or ``auto`` = this stage's latest); True if loaded."""
+        if not resume:
+            return False
+        ckpt = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if ckpt is None:
+            log.info("resume=auto: no %s checkpoint in %s, starting the stage fresh", self.stage,
+                     self.ckpt_dir)
+            return False
+        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        if state.get("stage", self.stage) != self.stage:
+            raise ValueError(f"checkpoint {ckpt} is from stage {state.get('stage')!r}, "
+                             f"not {self.stage!r} (config key 'log.resume')")
+        self.load_trainer_state(state)
+        log.info("resumed %s from %s at step %d", self.stage, ckpt, self.step)
+        return True
+
+    # -- the stage ---------------------------------------------------------------------------
+    def log_step(self, m: dict) -> None:
+        log.info("%s step %d/%d loss %s lr %.2e grad %s tok/s %.0f", self.stage, m["step"],
+                 self.steps, f"{m['loss']:.4f}" if m.get("loss") is not None else "skipped",
+                 m["lr"], f"{m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "-",
+                 m["tokens_per_s"])
+
+    def run(self) -> list[dict]:
+        history = []
+        batches = self._batches()
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        prof = StepProfiler(self.cfg.log.profile_steps, self.out_dir / "profile", self.stage,
+                            enabled=self.dist.is_main)
+        with open(self.metrics_path, "a") if self.dist.is_main else _NullFile() as mf:
+            while self.step < self.steps:
+                index = self.step
+                prof.before(index)
+                m = self.train_step(next(batches))
+                prof.after(index)
+                history.append(m)
+                if self.dist.is_main:
+                    mf.write(json.dumps(m) + "\n")
+                    mf.flush()
+                    if m["step"] % self.cfg.log.every_steps == 0:
+                        self.log_step(m)
+                if self.step % self.cfg.log.checkpoint_every == 0 or self.step == self.steps:
+                    self.save()
+        if self.failures.total:
+            log.warning("%s: %s", self.stage, self.failures.summary())
+        return history
+
+
+class SFTRunner(StageRunner):
+    """Runs ``optim.sft_steps`` SFT steps on ``dataset`` (an ``STGRDataset`` with reasoning)."""
+
+    stage = "sft"
+
+    def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir: Path):
+        super().__init__(cfg, dist_info, model, tokenizer, dataset, out_dir, lr=cfg.optim.sft_lr,
+                         steps=cfg.optim.sft_steps)
+
     def train_step(self, batch) -> dict:
         cfg, dev = self.cfg, self.dist.device
         t0 = time.perf_counter()
@@ -101,91 +236,18 @@ class SFTRunner:
                                       device=dev) for s in samples]
         t1 = time.perf_counter()
         self.model.train()
-        if examples:
-            loss, n_tok = sft_loss(self.model, examples)
-        else:  # every sample of this rank failed: contribute zero, keep collectives in step
-            loss = sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
-            n_tok = 0
-        loss.backward()
+        with nvtx_range("sft/forward"):
+            loss, n_tok = sft_loss(self.model, examples) if examples else (self.zero_loss(), 0)
         t2 = time.perf_counter()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        if self.dist.backend is not None:
-            flag = finite.to(torch.float32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = flag > 0
-        # One host read per step, after the backward: whether to apply the update at all.
-        ok = bool(finite)
-        lr = self.scheduler.get_last_lr()[0]
-        if ok:
-            self.optimizer.step()
-            self.nonfinite_in_row = 0
-        else:
-            self.nonfinite_in_row += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with nvtx_range("sft/backward+optimizer"):
+            ok, grad_norm, lr = self.update(loss)
         t3 = time.perf_counter()
         self.step += 1
-        if not ok:
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                        self.step, self.nonfinite_in_row)
-            if self.nonfinite_in_row >= cfg.optim.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"{self.nonfinite_in_row} non-finite steps in a row (config key "
-                    f"'optim.max_nonfinite_steps'); last good checkpoint: {latest_checkpoint(self.out_dir)}")
         return {"stage": "sft", "step": self.step, "loss": float(loss.detach()) if ok else None,
                 "skipped": not ok, "lr": lr, "grad_norm": float(grad_norm) if ok else None,
-                "tokens": n_tok, "tokens_per_s": n_tok / max(t2 - t1, 1e-9),
-                "time_data_s": t1 - t0, "time_fwd_bwd_s": t2 - t1, "time_optim_s": t3 - t2,
+                "tokens": n_tok, "tokens_per_s": n_tok / max(t3 - t1, 1e-9),
+                "time_data_s": t1 - t0, "time_forward_s": t2 - t1, "time_backward_optim_s": t3 - t2,
                 "peak_mem_gb": _peak_mem_gb(dev), "samples_skipped": self.failures.total}
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def save(self) -> Path | None:
-        if self.dist.backend is not None:
-            dist.barrier()
-        path = None
-        if self.dist.is_main:
-            path = save_checkpoint(self.out_dir / "checkpoints", self.raw_model, self.optimizer,
-                                   self.scheduler, {"stage": "sft", "step": self.step})
-            log.info("checkpoint %s", path)
-        if self.dist.backend is not None:
-            dist.barrier()
-        return path
-
-    def maybe_resume(self, resume: str) -> None:
-        if not resume:
-            return
-        ckpt = latest_checkpoint(self.out_dir / "checkpoints") if resume == "auto" else Path(resume)
-        if ckpt is None:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", self.out_dir / "checkpoints")
-            return
-        state = load_checkpoint(ckpt, self.raw_model, self.optimizer, self.scheduler)
-        self.step = int(state["step"])
-        log.info("resumed from %s at step %d", ckpt, self.step)
-
-    # -- the stage ---------------------------------------------------------------------------
-    def run(self) -> list[dict]:
-        history = []
-        batches = self._batches()
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") if self.dist.is_main else _NullFile() as mf:
-            while self.step < self.steps:
-                m = self.train_step(next(batches))
-                history.append(m)
-                if self.dist.is_main:
-                    mf.write(json.dumps(m) + "\n")
-                    mf.flush()
-                    if m["step"] % self.cfg.log.every_steps == 0:
-                        log.info("sft step %d/%d loss %s lr %.2e grad %s tok/s %.0f", m["step"],
-                                 self.steps, f"{m['loss']:.4f}" if m["loss"] is not None else "skipped",
-                                 m["lr"], f"{m['grad_norm']:.3f}" if m["grad_norm"] is not None else "-",
-                                 m["tokens_per_s"])
-                if self.step % self.cfg.log.checkpoint_every == 0 or self.step == self.steps:
-                    self.save()
-        if self.failures.total:
-            log.warning("sft: %s", self.failures.summary())
-        return history
 
 
 class _NullFile:

@@ -57,3 +57,37 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Bytes per all-reduce bucket: bounds the flat copy (one bucket at a time) while keeping the
+# number of collectives small.
+_BUCKET_BYTES = 64 << 20
+
+
+def allreduce_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """Average ``.grad`` of ``params`` over ranks, in place, one all-reduce per bucket.
+
+    Every rank must pass the same parameter list. A parameter without a gradient on this rank
+    gets zeros first, so all ranks reduce the same tensors (and all end with the same grads).
+    """
+    if world_size <= 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in params + [None]:
+        if p is not None and (not bucket or (p.grad.dtype == bucket[0].dtype
+                                             and size + p.grad.numel() * p.grad.element_size() <= _BUCKET_BYTES)):
+            bucket.append(p.grad)
+            size += p.grad.numel() * p.grad.element_size()
+            continue
+        if bucket:
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat.div_(world_size)
+            for g, v in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                g.copy_(v)
+        if p is not None:
+            bucket, size = [p.grad], p.grad.numel() * p.grad.element_size()
