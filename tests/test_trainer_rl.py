@@ -339,3 +339,55 @@ def test_rl_steps_update_the_policy_and_log_metrics(dataset, tokenizer, tmp_path
     assert not torch.equal(model.lm_head.weight, lm_before)
     assert all(torch.equal(a, b) for a, b in zip(vis_before, model.model.visual.parameters()))
     assert (tmp_path / "checkpoints" / "rl" / "latest").is_file()
+
+
+def test_rl_resume_continues_exactly(dataset, tokenizer, tmp_path):
+    cfg = _cfg(**{"optim.rl_steps": 3, "log.checkpoint_every": 2, "rollout.prompts_per_step": 2,
+                  "loss.updates_per_rollout": 2})
+    straight = rl.RLRunner(cfg, CPU, peaked_model(), tokenizer, dataset, tmp_path / "a", reward_fn=fake_reward)
+    straight.run()
+    first = rl.RLRunner(cfg, CPU, peaked_model(), tokenizer, dataset, tmp_path / "b", reward_fn=fake_reward)
+    first.steps = 2   # "killed" after step 2, whose checkpoint is written
+    first.run()
+    other = build_tiny_model(seed=7)    # the weights must come from the checkpoint
+    # (the reference policy is the run's starting point, rebuilt the same way as before)
+    resumed = rl.RLRunner(cfg, CPU, other, tokenizer, dataset, tmp_path / "b", reward_fn=fake_reward,
+                          ref_model=copy.deepcopy(peaked_model()))
+    assert resumed.maybe_resume("auto") and resumed.step == 2
+    assert resumed.mean_history == first.mean_history and len(resumed.mean_history) == 4
+    resumed.run()
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_lora_trains_adapters_only_and_the_reference_is_the_base(dataset, tokenizer, tmp_path):
+    from visioncoach.config import LoraConfig
+    from visioncoach.models.policy import add_lora
+
+    cfg = _cfg(**{"rollout.prompts_per_step": 2, "loss.updates_per_rollout": 2, "optim.lr": 1e-2})
+    model = add_lora(peaked_model(), LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runner = rl.RLRunner(cfg, CPU, model, tokenizer, dataset, tmp_path, reward_fn=fake_reward)
+    assert runner.lora and runner.ref_model is None       # no second copy of the weights
+    history = runner.run()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert history[-1]["kl_mean"] > 0                      # the adapters moved away from the base
+    # The reference log-probs are the base model's (adapters disabled).
+    results, _ = runner.collect([runner.clips[0]], progress=0.0)
+    groups, *_ = runner.loss_rows(results)
+    ref = runner.reference_logprobs(groups)
+    base = peaked_model()
+    with torch.no_grad():
+        expected = torch.cat([reference_logprobs(base, g.group.inputs, g.tokens, g.lengths) for g in groups])
+    torch.testing.assert_close(ref, expected, rtol=1e-4, atol=1e-5)
+    # Checkpoints hold peft adapters, and loading one restores them.
+    ckpt = tmp_path / "checkpoints" / "rl" / "step-00000002" / "model"
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "adapter_config.json").is_file()
+    fresh = add_lora(peaked_model(), LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    again = rl.RLRunner(cfg, CPU, fresh, tokenizer, dataset, tmp_path, reward_fn=fake_reward)
+    assert again.maybe_resume("auto")
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n

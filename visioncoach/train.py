@@ -53,8 +53,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def param_checksum(model: torch.nn.Module) -> torch.Tensor:
     """[2] float64: sum and sum of squares of all parameters (cheap cross-rank identity check)."""
+    from visioncoach.trainer.engine import full_parameters
+
     s = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), full_parameters(model):   # ZeRO-3: gathered (collective)
         for p in model.parameters():
             x = p.detach().to("cpu", torch.float64)
             s[0] += x.sum()
@@ -92,7 +94,14 @@ def _heldout_set(cfg, dist_info):
     from visioncoach.data.stgr import load_stgr
     from visioncoach.data.synthetic import ensure_synthetic
 
-    data = load_stgr(ensure_synthetic(HELDOUT_SAMPLES, cfg.seed + 7919), sft=False)
+    import torch.distributed as dist
+
+    seed = cfg.seed + 7919
+    if dist_info.is_main:
+        ensure_synthetic(HELDOUT_SAMPLES, seed)
+    if dist_info.backend is not None:
+        dist.barrier()
+    data = load_stgr(ensure_synthetic(HELDOUT_SAMPLES, seed), sft=False)
     clips = ClipDataset(data, cfg.data.nframes, backend=cfg.data.decoder,
                         pixels=(cfg.data.min_pixels, cfg.data.max_pixels))
     return [c for c in (clips[i] for i in range(len(clips))) if hasattr(c, "frames")]
@@ -132,6 +141,21 @@ def rl_summary(history: list[dict], steps: int) -> dict:
             "vp_counts": dict(sum((Counter(m.get("vp_counts", {})) for m in rows), Counter())),
             "vp_rollouts": sum(m.get("vp_rollouts", 0) for m in rows),
             "sd_rows": sum(m.get("sd_rows", 0) for m in rows)}
+
+
+def ranks_identical(model, dist_info) -> bool:
+    """True when every rank holds the same weights (checksums compared exactly)."""
+    import torch.distributed as dist
+
+    checksum = param_checksum(model)
+    if dist_info.backend is None or dist_info.world_size == 1:
+        return True
+    gathered = [torch.zeros_like(checksum) for _ in range(dist_info.world_size)]
+    dist.all_gather(gathered, checksum)
+    same = all(torch.equal(g, checksum) for g in gathered)
+    if not same:
+        log.error("ranks hold different weights after training: %s", [g.tolist() for g in gathered])
+    return same
 
 
 def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
@@ -207,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         report = preflight(model, processor.tokenizer, dataset, cfg, dist_info)
         log.info("preflight: %s", report)
         summary = {}
-        heldout = _heldout_set(cfg, dist_info) if dist_info.is_main else None
+        # Every rank evaluates the held-out set (same samples, same result): under ZeRO-3 the
+        # forward passes gather parameters collectively.
+        heldout = _heldout_set(cfg, dist_info)
         rl_ckpt = cfg.log.resume and latest_checkpoint(out_dir / "checkpoints" / "rl") is not None
         if cfg.stage in ("sft", "sft+rl") and not rl_ckpt:
             from visioncoach.trainer.loop import SFTRunner
@@ -231,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
                          summary["heldout_format_after_sft"])
             del runner
         if cfg.stage in ("rl", "sft+rl"):
+            from visioncoach.trainer.checkpoint import load_weights
             from visioncoach.trainer.rl import RLRunner
+
+            sft_ckpt = latest_checkpoint(out_dir / "checkpoints" / "sft")
+            if rl_ckpt and cfg.stage == "sft+rl" and sft_ckpt is not None:
+                # SFT was skipped: its final weights are RL's starting point (and reference policy).
+                load_weights(sft_ckpt, model)
 
             rl_data = dataset if cfg.stage == "rl" else prepare_dataset(cfg, dist_info, sft=False)
             runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir)
@@ -239,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             history = runner.run()
             summary["rl"] = rl_summary(history, runner.step)
             log.info("RL: mean reward per component, first -> last steps: %s", summary["rl"]["reward"])
+        summary["ranks_identical_after_training"] = ranks_identical(model, dist_info)
         if dist_info.is_main:
             _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
             log.info("summary: %s (metrics in %s)", summary, out_dir / "metrics.jsonl")

@@ -59,9 +59,30 @@ def build_policy(cfg: ModelConfig, data: DataConfig, device: torch.device, seed:
         kind = "tiny random-weight Qwen2.5-VL"
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+        kind += f" + LoRA r={cfg.lora.r}"
     model.to(device)
     info = {"model": kind, "attn_implementation": model.config._attn_implementation,
             "dtype": str(dtype).removeprefix("torch."),
-            "params": sum(p.numel() for p in model.parameters())}
-    log.info("policy: %(model)s, %(params)d parameters, %(dtype)s, attention=%(attn_implementation)s", info)
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    log.info("policy: %(model)s, %(params)d parameters (%(trainable)d trainable), %(dtype)s, "
+             "attention=%(attn_implementation)s", info)
     return model, processor, info
+
+
+def add_lora(model, lora):
+    """Wrap ``model`` with peft LoRA adapters on the language model's ``lora.target_modules``
+    (the vision tower's MLP shares the projection names, so the match is anchored on
+    ``language_model``); the base weights are frozen. The reference policy of RL is this
+    model with its adapters disabled."""
+    import re
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = "|".join(re.escape(n) for n in lora.target_modules)
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=rf".*language_model.*\.({names})")
+    return get_peft_model(model, peft_cfg)

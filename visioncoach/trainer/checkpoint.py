@@ -54,8 +54,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dict,
-                    extra: dict | None = None) -> Path:
-    """Write checkpoint ``step-{state['step']}`` atomically and point ``latest`` at it."""
+                    extra: dict | None = None, move_in: dict[str, Path] | None = None) -> Path:
+    """Write checkpoint ``step-{state['step']}`` atomically and point ``latest`` at it.
+
+    ``optimizer`` / ``scheduler`` may be None (their state lives elsewhere, e.g. in DeepSpeed's
+    files); ``move_in``: {name: folder} moved into the checkpoint before it is published."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{int(state['step']):08d}"
@@ -64,7 +67,9 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dic
     try:
         model = model.module if hasattr(model, "module") else model
         model.save_pretrained(tmp / "model", safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(),
+        for sub, src in (move_in or {}).items():
+            os.replace(src, tmp / sub)
+        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": _rng_state(), "extra": extra or {}}, tmp / "trainer.pt")
         (tmp / STATE).write_text(json.dumps(state, indent=1))
@@ -97,11 +102,31 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states in place; returns the trainer state."""
+    """Restore weights, optimizer, scheduler and RNG states in place (each that is not None;
+    the RNG always); returns the trainer state."""
+    ckpt = Path(ckpt)
+    if not (ckpt / STATE).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a checkpoint (no {STATE})")
+    if model is not None:
+        load_weights(ckpt, model)
+    return _load_trainer(ckpt, optimizer, scheduler)
+
+
+def load_weights(ckpt: str | Path, model) -> None:
+    """Load a checkpoint's weights (or, for a LoRA model, its adapters) into ``model`` in place."""
     ckpt = Path(ckpt)
     if not (ckpt / STATE).is_file():
         raise FileNotFoundError(f"{ckpt} is not a checkpoint (no {STATE})")
     model = model.module if hasattr(model, "module") else model
+    if hasattr(model, "peft_config"):   # LoRA: the checkpoint holds the adapters only
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(model, load_file(ckpt / "model" / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the adapters: unexpected "
+                               f"{result.unexpected_keys[:5]}")
+        return
     # Through from_pretrained: the file uses the checkpoint key layout that transformers
     # converts on load (e.g. Qwen2.5-VL's "visual.*" vs the module's "model.visual.*").
     dtype = next(model.parameters()).dtype
@@ -111,8 +136,12 @@ def load_checkpoint(ckpt: str | Path, model, optimizer, scheduler) -> dict:
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
+
+
+def _load_trainer(ckpt: Path, optimizer, scheduler) -> dict:
     blob = torch.load(ckpt / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
     _set_rng_state(blob["rng"])

@@ -31,6 +31,9 @@ import torch.distributed as dist
 
 from visioncoach.data.loader import ClipDataset, FailureCounter, make_loader, split_failures
 from visioncoach.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from visioncoach.trainer.engine import (attach_logprob_head, engine_kind, full_parameters,
+                                        initialize_deepspeed, register_head_weight,
+                                        release_deepspeed)
 from visioncoach.trainer.sft import build_sft_example, sft_loss
 from visioncoach.utils.dist import allreduce_gradients
 from visioncoach.utils.profiling import StepProfiler, nvtx_range
@@ -71,14 +74,21 @@ class StageRunner(abc.ABC):
         self.model = model
         o = cfg.optim
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # fused: one kernel over all parameters (CPU and CUDA), several times faster than the
+        # per-tensor loop for a model with a 151,936-row embedding and LM head.
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
+                                           weight_decay=o.weight_decay, fused=True)
         per_epoch = max(1, math.ceil(len(dataset) / dist_info.world_size / self.batch_size))
         self.steps = steps if steps > 0 else per_epoch
         self.steps_per_epoch = per_epoch
         updates = self.steps * updates_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(o.scheduler, updates, int(o.warmup_ratio * updates)))
+        self.ds = None   # the DeepSpeed engine, when dist.engine resolves to deepspeed
+        if engine_kind(cfg.dist, dist_info.world_size if dist_info.backend else 1) == "deepspeed":
+            attach_logprob_head(model)
+            self.ds = initialize_deepspeed(model, self.optimizer, self.scheduler, cfg)
+            register_head_weight(model)
         self.clips = ClipDataset(dataset, cfg.data.nframes, backend=cfg.data.decoder, pixels=pixels)
         self.failures = FailureCounter()
         self.step = 0
@@ -115,6 +125,8 @@ class StageRunner(abc.ABC):
     def update(self, loss: torch.Tensor) -> tuple[bool, torch.Tensor, float]:
         """Backward, average gradients over ranks, clip, and step unless anything is
         non-finite on any rank. Returns (applied, grad norm, lr used)."""
+        if self.ds is not None:
+            return self._update_deepspeed(loss)
         loss.backward()
         allreduce_gradients(self.params, self.dist.world_size if self.dist.backend else 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
@@ -128,21 +140,41 @@ class StageRunner(abc.ABC):
         lr = self.scheduler.get_last_lr()[0]
         if ok:
             self.optimizer.step()
-            self.nonfinite_in_row = 0
-        else:
-            self.nonfinite_in_row += 1
-            self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if not ok:
-            log.warning("%s step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                        self.stage, self.step + 1, self.nonfinite_in_row)
-            if self.nonfinite_in_row >= self.cfg.optim.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"{self.nonfinite_in_row} non-finite updates in a row in stage {self.stage!r} "
-                    f"(config key 'optim.max_nonfinite_steps'); last good checkpoint: "
-                    f"{latest_checkpoint(self.ckpt_dir)}")
-        return ok, grad_norm, lr
+        return self._count_nonfinite(ok), grad_norm, lr
+
+    def _update_deepspeed(self, loss: torch.Tensor) -> tuple[bool, torch.Tensor, float]:
+        """DeepSpeed reduces, clips (``gradient_clipping``) and steps; it skips an update whose
+        gradients overflow (non-finite) and then does not advance the schedule. A non-finite
+        loss on any rank skips the backward on all of them."""
+        flag = torch.isfinite(loss.detach()).to(torch.float32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        lr = self.scheduler.get_last_lr()[0]
+        ok = bool(flag > 0)
+        grad_norm = torch.tensor(float("nan"))
+        if ok:
+            self.ds.backward(loss)
+            self.ds.step()
+            ok = not bool(getattr(self.ds.optimizer, "overflow", False))
+            norm = self.ds.get_global_grad_norm()
+            grad_norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
+        return self._count_nonfinite(ok), grad_norm, lr
+
+    def _count_nonfinite(self, ok: bool) -> bool:
+        if ok:
+            self.nonfinite_in_row = 0
+            return True
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        log.warning("%s step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                    self.stage, self.step + 1, self.nonfinite_in_row)
+        if self.nonfinite_in_row >= self.cfg.optim.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_row} non-finite updates in a row in stage {self.stage!r} "
+                f"(config key 'optim.max_nonfinite_steps'); last good checkpoint: "
+                f"{latest_checkpoint(self.ckpt_dir)}")
+        return False
 
     @abc.abstractmethod
     def train_step(self, batch) -> dict:
@@ -157,13 +189,23 @@ class StageRunner(abc.ABC):
         self.step = int(state["step"])
 
     def save(self) -> Path | None:
+        """Checkpoint (atomic, see ``checkpoint.save_checkpoint``). Under DeepSpeed every rank
+        first writes its optimizer/parameter partitions into a staging folder that moves into
+        the checkpoint, and ZeRO-3 gathers the weights for the transformers-loadable copy."""
         if self.dist.backend is not None:
             dist.barrier()
         path = None
-        if self.dist.is_main:
-            path = save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler,
-                                   self.trainer_state())
-            log.info("checkpoint %s", path)
+        staging = None
+        if self.ds is not None:
+            staging = self.ckpt_dir / f".deepspeed-{self.step:08d}"
+            self.ds.save_checkpoint(str(staging), tag="state", save_latest=False)
+            dist.barrier()
+        with full_parameters(self.model):
+            if self.dist.is_main:
+                path = save_checkpoint(self.ckpt_dir, self.model, None if self.ds else self.optimizer,
+                                       None if self.ds else self.scheduler, self.trainer_state(),
+                                       move_in={"deepspeed": staging} if staging else None)
+                log.info("checkpoint %s", path)
         if self.dist.backend is not None:
             dist.barrier()
         return path
@@ -177,7 +219,13 @@ class StageRunner(abc.ABC):
             log.info("resume=auto: no %s checkpoint in %s, starting the stage fresh", self.stage,
                      self.ckpt_dir)
             return False
-        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        if self.ds is not None:
+            # DeepSpeed restores weights, optimizer partitions and the schedule; we restore RNG.
+            self.ds.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+            state = load_checkpoint(ckpt, None, None, None)
+        else:
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
         if state.get("stage", self.stage) != self.stage:
             raise ValueError(f"checkpoint {ckpt} is from stage {state.get('stage')!r}, "
                              f"not {self.stage!r} (config key 'log.resume')")
@@ -186,6 +234,11 @@ class StageRunner(abc.ABC):
         return True
 
     # -- the stage ---------------------------------------------------------------------------
+    def progress_fields(self, history: list[dict]) -> dict:
+        """What the progress bar shows: the running loss over the last 10 steps."""
+        recent = [m["loss"] for m in history[-10:] if m.get("loss") is not None]
+        return {"loss": f"{sum(recent) / len(recent):.3f}"} if recent else {}
+
     def log_step(self, m: dict) -> None:
         log.info("%s step %d/%d loss %s lr %.2e grad %s tok/s %.0f", self.stage, m["step"],
                  self.steps, f"{m['loss']:.4f}" if m.get("loss") is not None else "skipped",
@@ -197,22 +250,44 @@ class StageRunner(abc.ABC):
         batches = self._batches()
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        prof = StepProfiler(self.cfg.log.profile_steps, self.out_dir / "profile", self.stage,
-                            enabled=self.dist.is_main)
-        with open(self.metrics_path, "a") if self.dist.is_main else _NullFile() as mf:
+        main = self.dist.is_main
+        prof = StepProfiler(self.cfg.log.profile_steps, self.out_dir / "profile", self.stage, enabled=main)
+        board = _tensorboard(self.out_dir / "tensorboard") if main and self.cfg.log.tensorboard else None
+        bar = None
+        if main and self.cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.steps, initial=self.step, desc=self.stage, dynamic_ncols=True)
+        with open(self.metrics_path, "a") if main else _NullFile() as mf:
             while self.step < self.steps:
                 index = self.step
                 prof.before(index)
                 m = self.train_step(next(batches))
                 prof.after(index)
                 history.append(m)
-                if self.dist.is_main:
+                if main:
                     mf.write(json.dumps(m) + "\n")
                     mf.flush()
                     if m["step"] % self.cfg.log.every_steps == 0:
                         self.log_step(m)
+                    if board is not None:
+                        for k, v in m.items():
+                            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                                board.add_scalar(f"{self.stage}/{k}", v, m["step"])
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(self.progress_fields(history))
                 if self.step % self.cfg.log.checkpoint_every == 0 or self.step == self.steps:
                     self.save()
+        if bar is not None:
+            bar.close()
+        if board is not None:
+            board.close()
+        if self.ds is not None:
+            # The stage is over: remove DeepSpeed's hooks from the model, so the next stage's
+            # engine is the only one managing it (two ZeRO-3 engines would both release params).
+            release_deepspeed(self.ds, self.model)
+            self.ds = None
         if self.failures.total:
             log.warning("%s: %s", self.stage, self.failures.summary())
         return history
@@ -248,6 +323,17 @@ class SFTRunner(StageRunner):
                 "tokens": n_tok, "tokens_per_s": n_tok / max(t3 - t1, 1e-9),
                 "time_data_s": t1 - t0, "time_forward_s": t2 - t1, "time_backward_optim_s": t3 - t2,
                 "peak_mem_gb": _peak_mem_gb(dev), "samples_skipped": self.failures.total}
+
+
+def _tensorboard(path: Path):
+    """A SummaryWriter, or None (logged once) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("log.tensorboard: the tensorboard package is not installed; metrics go to "
+                 "metrics.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(path))
 
 
 class _NullFile:

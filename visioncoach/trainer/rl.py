@@ -33,7 +33,6 @@ model (all its layers and embeddings) is.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -46,14 +45,14 @@ import torch.distributed as dist
 
 from visioncoach.data.loader import ClipSample, split_failures
 from visioncoach.kernels.gspo_sd_loss import gspo_sd_loss
-from visioncoach.kernels.linear_logprob import linear_logprob
 from visioncoach.kernels.vp_render import render_vp
 from visioncoach.processor import ModelInputs, build_inputs, resize_frames
 from visioncoach.prompts import user_text
 from visioncoach.rewards import score
 from visioncoach.rewards.records import Record
-from visioncoach.rollout.engine import (RolloutGroup, _base, _lm_head, completion_hidden_states,
+from visioncoach.rollout.engine import (RolloutGroup, _base, completion_hidden_states,
                                         generate_group, prompt_embeds)
+from visioncoach.trainer.engine import frozen_copy, is_zero3, token_logprobs
 from visioncoach.trainer.loop import StageRunner, _peak_mem_gb
 from visioncoach.utils.profiling import nvtx_range
 from visioncoach.vp.hints import add_hint
@@ -237,16 +236,21 @@ class RLRunner(StageRunner):
         # the optimizer holds no state for it and weight decay never touches it.
         for p in _vision_params(model):
             p.requires_grad_(False)
+        self.lora = hasattr(model, "disable_adapter")
+        self.ref_model = None
+        if cfg.loss.beta > 0 and not self.lora:
+            # Full fine-tuning: a frozen copy of the starting policy (LoRA disables adapters
+            # instead), taken before DeepSpeed partitions the policy.
+            self.ref_model = ref_model if ref_model is not None else frozen_copy(model)
+            self.ref_model.requires_grad_(False).eval()
         super().__init__(cfg, dist_info, model, tokenizer, dataset, out_dir, lr=cfg.optim.lr,
                          steps=cfg.optim.rl_steps, updates_per_step=cfg.loss.updates_per_rollout,
                          pixels=(cfg.data.min_pixels, cfg.data.max_pixels))
         self.reward_fn = reward_fn or score
-        self.lora = hasattr(model, "disable_adapter")
-        self.ref_model = None
-        if cfg.loss.beta > 0 and not self.lora:
-            # Full fine-tuning: a frozen copy of the starting policy (LoRA disables adapters instead).
-            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
-            self.ref_model.requires_grad_(False).eval()
+        # One prompt prefill shared by the G rows calls the language model twice in one graph
+        # (prefill, then the completions on its cache), which ZeRO-3's parameter release
+        # breaks in the backward; there the G rows run as one plain forward instead.
+        self.share_prompt = not is_zero3(model)
         heatmap_fn = None
         if cfg.vp.clip_path:
             from visioncoach.vp.heatmap import ClipRelevance
@@ -407,8 +411,9 @@ class RLRunner(StageRunner):
             prompt = g.group.rollout.prompt
             if ref and model is not self.model:
                 prompt = prompt_embeds(model, g.group.inputs, g.group.rollout.vision)
-            h = completion_hidden_states(model, prompt, g.tokens, g.lengths)     # [g, t, D]
-            lp = linear_logprob(h, _lm_head(model).weight, g.tokens)             # [g, t] fp32
+            h = completion_hidden_states(model, prompt, g.tokens, g.lengths,      # [g, t, D]
+                                         share_prompt=self.share_prompt)
+            lp = token_logprobs(model, h, g.tokens)                              # [g, t] fp32
             out.append(torch.nn.functional.pad(lp, (0, T - lp.shape[1])))
         logp = torch.cat(out)                                                    # [N, T]
         lengths = torch.cat([g.lengths for g in groups])
@@ -505,6 +510,14 @@ class RLRunner(StageRunner):
         out["sd_candidates"] = sum(len(r.candidates) for r in results)
         out["sd_rows"] = sum(len(r.distill) for r in results)
         return out
+
+    def progress_fields(self, history: list[dict]) -> dict:
+        """The running raw-rollout reward (last 10 steps) and hard fraction."""
+        recent = [m for m in history[-10:] if "reward_total" in m]
+        if not recent:
+            return {}
+        return {"reward": f"{sum(m['reward_total'] for m in recent) / len(recent):.3f}",
+                "hard": f"{sum(m['hard_frac'] for m in recent) / len(recent):.2f}"}
 
     def log_step(self, m: dict) -> None:
         log.info("rl step %d/%d reward %.3f (acc %.2f fmt %.2f tmp %.2f spa %.2f) hard %.2f vp %s "

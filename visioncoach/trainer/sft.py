@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from visioncoach.kernels.linear_logprob import linear_logprob
 from visioncoach.processor import build_inputs
 from visioncoach.prompts import user_text
+from visioncoach.trainer.engine import token_logprobs
 
 
 @dataclass
@@ -50,7 +50,7 @@ def target_logprobs(model, example: SFTExample) -> torch.Tensor:
     # Position t's hidden state predicts token t + 1.
     h = hidden[:, example.target_start - 1:-1]                                # [1, Tt, D]
     y = ids[:, example.target_start:]                                         # [1, Tt]
-    return linear_logprob(h, lm.lm_head.weight, y)
+    return token_logprobs(lm, h, y)
 
 
 def sft_loss(model, examples: list[SFTExample]) -> tuple[torch.Tensor, int]:
