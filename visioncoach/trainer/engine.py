@@ -161,3 +161,24 @@ def release_deepspeed(engine, model) -> None:
             p.data = value
             for name in [n for n in vars(p) if n.startswith("ds_")]:
                 delattr(p, name)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(ds_engine, model):
+    """Under ZeRO-3: all parameters gathered once and DeepSpeed's module hooks off for the
+    block (then restored), so generation runs as a plain model. Ranks stop generating at
+    different steps and roll out different numbers of prompts; with per-module gathers those
+    collectives would not line up across ranks. A no-op otherwise."""
+    if ds_engine is None or not is_zero3(model):
+        yield
+        return
+    import deepspeed
+
+    offload = ds_engine.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        offload._remove_module_hooks()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()

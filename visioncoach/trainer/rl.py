@@ -52,7 +52,8 @@ from visioncoach.rewards import score
 from visioncoach.rewards.records import Record
 from visioncoach.rollout.engine import (RolloutGroup, _base, completion_hidden_states,
                                         generate_group, prompt_embeds)
-from visioncoach.trainer.engine import frozen_copy, is_zero3, token_logprobs
+from visioncoach.trainer.engine import (frozen_copy, gathered_for_generation, is_zero3,
+                                        token_logprobs)
 from visioncoach.trainer.loop import StageRunner, _peak_mem_gb
 from visioncoach.utils.profiling import nvtx_range
 from visioncoach.vp.hints import add_hint
@@ -300,20 +301,19 @@ class RLRunner(StageRunner):
             k += n
 
     def _gather(self, values: list[float]) -> list[float]:
-        """This step's values of every rank (same count on each rank), rank-major."""
-        t = torch.tensor(values, dtype=torch.float64)
+        """This step's values of every rank, rank-major (ranks may hold different counts:
+        a rank whose samples failed to decode contributes fewer)."""
         if self.dist.backend is None or self.dist.world_size == 1:
-            return t.tolist()
-        t = t.to(self.dist.device)
-        out = torch.empty(self.dist.world_size * t.numel(), dtype=t.dtype, device=t.device)
-        dist.all_gather_into_tensor(out, t)
-        return out.cpu().tolist()
+            return list(values)
+        out: list = [None] * self.dist.world_size
+        dist.all_gather_object(out, list(values))
+        return [v for part in out for v in part]
 
     def collect(self, samples: list[ClipSample], progress: float) -> tuple[list[PromptResult], dict]:
         """Phases 1-3 of Algorithm 1 for this rank's prompts: rollouts, rewards, hard flags,
         visual prompts, re-rollouts, candidates and the distillation set."""
         cfg, dev = self.cfg, self.dist.device
-        times = Counter()
+        times: Counter = Counter()
         gen = torch.Generator(device=dev).manual_seed(
             (cfg.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step)
         t0 = time.perf_counter()
@@ -321,6 +321,11 @@ class RLRunner(StageRunner):
         raw_inputs = [self._inputs(s, f, s.record["question"]) for s, f in zip(samples, resized)]
         times["prep"] += time.perf_counter() - t0
 
+        with gathered_for_generation(self.ds, self.model):
+            return self._collect(samples, progress, gen, resized, raw_inputs, times)
+
+    def _collect(self, samples, progress, gen, resized, raw_inputs, times):
+        cfg = self.cfg
         t0 = time.perf_counter()
         with nvtx_range("rl/rollout"):
             raw = [self._rollouts(x, gen) for x in raw_inputs]
@@ -398,6 +403,18 @@ class RLRunner(StageRunner):
                 adv.append(torch.zeros(k))
                 gw.append(torch.zeros(k))
                 sw.append(torch.full((k,), alpha / (B * k)))
+        if is_zero3(self.model) and self.dist.backend is not None:
+            # ZeRO-3 gathers parameters per module call, collectively: every rank must run
+            # the same number of policy passes, so ranks with fewer distilled groups repeat
+            # their first group with zero weight.
+            n = torch.tensor([len(groups)], device=self.dist.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            for _ in range(int(n) - len(groups)):
+                g = groups[0]
+                groups.append(g)
+                adv.append(torch.zeros(g.tokens.shape[0]))
+                gw.append(torch.zeros(g.tokens.shape[0]))
+                sw.append(torch.zeros(g.tokens.shape[0]))
         dev = self.dist.device
         return groups, torch.cat(adv).to(dev), torch.cat(gw).to(dev), torch.cat(sw).to(dev)
 
@@ -442,7 +459,8 @@ class RLRunner(StageRunner):
         samples = split_failures(batch, self.failures)
         t_data = time.perf_counter() - t_start
         progress = self.step / max(1, self.steps)
-        results, times = self.collect(samples, progress) if samples else ([], {})
+        # Every rank collects, even with no sample left: the running statistics are gathered.
+        results, times = self.collect(samples, progress)
         m = {"stage": "rl", "step": self.step + 1, "prompts": len(results), "time_data_s": t_data,
              **{f"time_{k}_s": v for k, v in times.items()}}
         mu = cfg.loss.updates_per_rollout
