@@ -11,7 +11,9 @@ from visioncoach import config as C
 def test_embedded_default_is_tiny_and_paper_file_has_paper_settings():
     tiny = C.load_config([])
     assert tiny.stage == "sft+rl" and tiny.model.path == "" and tiny.data.decoder == "pyav"
-    paper = C.load_config(["--config", str(C.CONFIG_DIR / "qwen2_5_vl_7b.yaml")])
+    with pytest.raises(C.ConfigError, match="vp.selector_path"):  # the trained selector is needed
+        C.load_config(["--config", str(C.CONFIG_DIR / "qwen2_5_vl_7b.yaml")])
+    paper = C.load_config(["--config", str(C.CONFIG_DIR / "qwen2_5_vl_7b.yaml"), "--vp.selector_path=/sel"])
     assert paper.data.nframes == 16
     assert paper.rollout.num_generations == 4 and paper.rollout.max_new_tokens == 768
     assert paper.rollout.temperature == 1.0 and paper.rollout.top_p == 0.95
@@ -24,7 +26,7 @@ def test_embedded_default_is_tiny_and_paper_file_has_paper_settings():
 
 def test_paper_file_equals_dataclass_defaults():
     # The dataclass defaults are documented as the paper's settings; the file must agree.
-    paper = C.load_config(["--config", str(C.CONFIG_DIR / "qwen2_5_vl_7b.yaml")])
+    paper = C.load_config(["--config", str(C.CONFIG_DIR / "qwen2_5_vl_7b.yaml"), "--vp.selector_path=/sel"])
     data, _ = C.load_yaml(C.CONFIG_DIR / "qwen2_5_vl_7b.yaml")
     defaults = C.Config()
     for section in ("rollout", "reward", "loss", "optim"):
@@ -64,7 +66,7 @@ def test_overrides(argv, key, expected):
 
 def test_later_override_wins_and_file_then_cli_order(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("optim:\n  lr: 0.5\n")
+    f.write_text("optim:\n  lr: 0.5\nvp:\n  selector: none\n")
     cfg = C.load_config(["--config", str(f), "--optim.lr=0.25", "--optim.lr=0.125"])
     assert cfg.optim.lr == 0.125
     assert C.load_config(["--config", str(f)]).optim.lr == 0.5
@@ -125,7 +127,7 @@ def test_yaml_errors_name_file_and_line(tmp_path):
 def test_yaml_types_are_strict_but_numbers_widen(tmp_path):
     f = tmp_path / "c.yaml"
     # An int where a float is expected is fine; 1e-6 without a dot is a YAML string but a number.
-    f.write_text("optim:\n  lr: 1e-6\n  grad_clip: 1\n")
+    f.write_text("optim:\n  lr: 1e-6\n  grad_clip: 1\nstage: sft\n")
     cfg = C.load_config(["--config", str(f)])
     assert cfg.optim.lr == 1e-6 and cfg.optim.grad_clip == 1.0 and isinstance(cfg.optim.grad_clip, float)
     f.write_text("rollout:\n  num_generations: 4.0\n")

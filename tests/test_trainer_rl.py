@@ -391,3 +391,32 @@ def test_lora_trains_adapters_only_and_the_reference_is_the_base(dataset, tokeni
     assert again.maybe_resume("auto")
     for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_model_selector_gets_question_key_frames_and_objects(dataset, monkeypatch):
+    import visioncoach.selector as selector_pkg
+    from visioncoach.config import VPConfig
+    from visioncoach.data.loader import ClipDataset
+
+    seen = {}
+
+    class FakeSelector:
+        def __init__(self, path, device):
+            seen["init"] = (path, device)
+
+        def predict(self, batch):
+            seen["batch"] = batch
+            return ["darken", "api_prompt", "raw"][:len(batch)]
+
+    monkeypatch.setattr(selector_pkg, "Selector", FakeSelector)
+    chooser = rl.VPChooser(VPConfig(selector="model", selector_path="/sel"), seed=0, rank=0,
+                           device=torch.device("cpu"), has_heatmap=False)
+    assert seen["init"] == ("/sel", torch.device("cpu"))
+    clips = ClipDataset(dataset, nframes=3, backend="pyav", pixels=(3136, 12544))
+    samples = [clips[i] for i in range(3)]
+    types = chooser.choose(0, samples, [{}] * 3, {})
+    assert types == ["darken", "raw", "raw"]           # api_prompt cannot render without CLIP
+    first = seen["batch"][0]
+    assert first.question == samples[0].record["question"]
+    assert torch.equal(first.frames, samples[0].frames[samples[0].is_key])
+    assert set(first.key_objects) == {n for f in samples[0].reward_record.frames for n in f.names} != set()

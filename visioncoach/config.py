@@ -88,6 +88,10 @@ class ModelConfig:
     # `auto`: bfloat16 on GPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = True
+    # Keep the token embeddings and the LM head (the 151,936-row matrices) frozen: the
+    # tiny CPU config's choice, where they are 99% of the parameters and of the optimizer's
+    # work; the fused LM-head kernel's backward is then free.
+    freeze_vocab: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -227,6 +231,12 @@ def _validate(cfg: Config) -> None:
         sel.startswith("fixed:") and sel[len("fixed:"):] in VP_TYPES)
     need(ok_sel, "vp.selector", f"must be model, gating, random, none or fixed:<{'|'.join(VP_TYPES)}>, "
          f"got {sel!r}")
+    if cfg.stage in ("rl", "sft+rl"):
+        need(sel != "model" or bool(cfg.vp.selector_path), "vp.selector_path",
+             "is required when vp.selector is 'model' (train one with `python -m "
+             "visioncoach.selector.train`, or pick gating, random, fixed:<type> or none)")
+        need(sel != "fixed:api_prompt" or bool(cfg.vp.clip_path), "vp.clip_path",
+             "is required for vp.selector fixed:api_prompt (a local CLIP checkpoint for the heatmap)")
     bad = [t for t in cfg.vp.types if t not in VP_TYPES]
     need(not bad, "vp.types", f"unknown visual prompt type(s) {bad}; known: {list(VP_TYPES)}")
     need(cfg.vp.top_n >= 1, "vp.top_n", "must be >= 1")

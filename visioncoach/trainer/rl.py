@@ -151,9 +151,15 @@ class VPChooser:
         if self.mode == "random":
             rng = random.Random(hash((self.seed, self.rank, step)))
             return [rng.choice(self.types) for _ in samples]
-        labels = self.selector.predict([{"frames": s.frames[s.is_key] if s.is_key.any() else s.frames,
-                                         "question": s.record["question"]} for s in samples])
-        return [t if t in self.types else "raw" for t in labels]
+        from visioncoach.selector import SelectorInput
+
+        inputs = [SelectorInput(question=s.record["question"],
+                                frames=s.frames[s.is_key] if s.is_key.any() else s.frames,
+                                key_objects=sorted({n for f in s.reward_record.frames for n in f.names})
+                                if s.reward_record is not None else ())
+                  for s in samples]
+        # A type this run cannot render (api_prompt without vp.clip_path) becomes raw.
+        return [t if t in self.types else "raw" for t in self.selector.predict(inputs)]
 
 
 def key_frame_prompt(frames: torch.Tensor, times: torch.Tensor, is_key: torch.Tensor,
