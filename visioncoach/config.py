@@ -88,10 +88,6 @@ class ModelConfig:
     # `auto`: bfloat16 on GPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = True
-    # Keep the token embeddings and the LM head (the 151,936-row matrices) frozen: the
-    # tiny CPU config's choice, where they are 99% of the parameters and of the optimizer's
-    # work; the fused LM-head kernel's backward is then free.
-    freeze_vocab: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -59,9 +59,6 @@ def build_policy(cfg: ModelConfig, data: DataConfig, device: torch.device, seed:
         kind = "tiny random-weight Qwen2.5-VL"
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.freeze_vocab:
-        model.get_input_embeddings().requires_grad_(False)
-        model.lm_head.requires_grad_(False)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
         kind += f" + LoRA r={cfg.lora.r}"
