@@ -21,13 +21,11 @@ The reply's score is the first standalone digit 0-3 in it ("2", "Score: 2" -> 2)
 
 from __future__ import annotations
 
-import json
 import re
 import string
-import time
-import urllib.error
-import urllib.request
 from typing import NamedTuple, Protocol
+
+from visioncoach.utils.chat import ChatClient, ChatUnavailable
 
 __all__ = ["CORRECT_SCORE", "MAX_SCORE", "JUDGE_SYSTEM_PROMPT", "Verdict", "Judge", "ExactMatchJudge",
            "HttpJudge", "LocalModelJudge", "normalize_answer", "parse_score", "judge_messages",
@@ -97,53 +95,29 @@ class HttpJudge:
     url: the API base (``http://host:8000/v1``) or the full ``.../chat/completions`` URL.
     api_key: sent as ``Authorization: Bearer``; None sends none (local servers).
     timeout: seconds per request; retries: extra attempts after a failure that may pass
-    (connection error, timeout, HTTP 429 or 5xx), waiting backoff * 2^k seconds before
-    attempt k + 1. Other HTTP errors (400, 401, 404) fail at once: retrying cannot fix them.
+    (connection error, timeout, HTTP 408, 429 or 5xx), waiting backoff * 2^k seconds before
+    attempt k + 1. Other HTTP errors (400, 401, 404) fail at once: retrying cannot fix them
+    (``visioncoach.utils.chat.ChatClient``).
     workers: requests in flight at once (V-STAR has ~2,100 answers; one at a time is slow).
     """
     name = "http"
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
                  retries: int = 3, backoff: float = 1.0, max_tokens: int = 16, workers: int = 8):
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--judge-url must be an http(s) URL, got {url!r}")
-        if timeout <= 0 or retries < 0 or workers < 1:
-            raise ValueError(f"need --judge-timeout > 0, --judge-retries >= 0 and --judge-workers >= 1, "
-                             f"got {timeout}, {retries}, {workers}")
-        self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
-        self.timeout, self.retries, self.backoff, self.max_tokens = timeout, retries, backoff, max_tokens
+        if workers < 1:
+            raise ValueError(f"need --judge-workers >= 1, got {workers}")
+        self.client = ChatClient(url, model, api_key=api_key, timeout=timeout, retries=retries,
+                                 backoff=backoff, max_concurrency=workers, what="--judge-url")
+        self.max_tokens = max_tokens
         self.workers = workers
 
-    def _request(self, body: bytes) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            reply = json.loads(resp.read().decode("utf-8"))
-        return reply["choices"][0]["message"]["content"]
-
     def score(self, question: str, reference: str, candidate: str) -> Verdict:
-        body = json.dumps({"model": self.model, "messages": judge_messages(question, reference, candidate),
-                           "temperature": 0, "max_tokens": self.max_tokens}).encode("utf-8")
-        error = None
-        for attempt in range(self.retries + 1):
-            try:
-                content = self._request(body)
-            except urllib.error.HTTPError as exc:
-                error = f"HTTP {exc.code} from {self.url}"
-                if exc.code != 429 and exc.code < 500:
-                    return Verdict(None, error)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                error = f"{self.url}: {getattr(exc, 'reason', exc)}"
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                return Verdict(None, f"unexpected reply from {self.url} ({type(exc).__name__}: {exc})")
-            else:
-                return _verdict(content)
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
-        return Verdict(None, f"{error} (after {self.retries + 1} attempts)")
+        try:
+            content = self.client.complete(judge_messages(question, reference, candidate),
+                                           temperature=0, max_tokens=self.max_tokens)
+        except (ChatUnavailable, ValueError) as exc:
+            return Verdict(None, str(exc))
+        return _verdict(content)
 
 
 class LocalModelJudge:

@@ -11,11 +11,11 @@ Back-ends:
 
 * ``HTTPReasoner``: an OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint
   (GPT-4o, Gemini's and most servers' OpenAI-compatible APIs, vLLM, SGLang, ...), standard
-  library only (urllib). Frames go as PNG ``data:`` URLs. Per-request timeout, retries with
-  exponential backoff (``backoff * 2**attempt`` seconds, or the server's ``Retry-After``,
-  capped at ``MAX_BACKOFF_S``) on timeouts, connection errors, 408, 429 and 5xx; a
-  semaphore caps requests in flight (``max_concurrency``) however many threads call it. The
-  API key is read from the environment variable the user names, never from a flag.
+  library only (urllib, ``visioncoach.utils.chat``). Frames go as PNG ``data:`` URLs.
+  Per-request timeout, retries with exponential backoff (or the server's ``Retry-After``)
+  on timeouts, connection errors, 408, 429 and 5xx; a semaphore caps requests in flight
+  (``max_concurrency``) however many threads call it. The API key is read from the
+  environment variable the user names, never from a flag.
 * ``LocalVLMReasoner``: a local transformers Qwen2.5-VL checkpoint (or the tiny random model)
   through the project's own stack: ``build_policy`` to load it, ``build_inputs`` for the
   prompt (each key frame as an image after "Frame i at T s:"), greedy ``generate_group``.
@@ -31,22 +31,18 @@ import io
 import json
 import logging
 import os
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from visioncoach.utils.chat import MAX_BACKOFF_S, ChatClient, ChatUnavailable, message_text
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ReasonerRequest", "Reasoner", "ReasonerUnavailable", "HTTPReasoner",
            "LocalVLMReasoner", "reasoner_from_spec", "MAX_BACKOFF_S"]
-
-MAX_BACKOFF_S = 60.0
 
 
 @dataclass
@@ -71,8 +67,8 @@ class Reasoner(Protocol):
         ...
 
 
-class ReasonerUnavailable(RuntimeError):
-    """No reply could be obtained (after the retries): the sample is retried on a later run."""
+# No reply could be obtained (after the retries): the sample is retried on a later run.
+ReasonerUnavailable = ChatUnavailable
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -83,17 +79,10 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _content_text(content: Any) -> str:
-    """message.content as text: a string, or the text parts of a content list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
 class HTTPReasoner:
-    """OpenAI-compatible chat-completions client (module docstring).
+    """OpenAI-compatible chat-completions reasoner (module docstring), through the project's
+    one client (``visioncoach.utils.chat.ChatClient``: timeouts, retries with backoff, a cap
+    on requests in flight).
 
     ``base_url`` is the API root (``https://api.openai.com/v1``, ``http://127.0.0.1:8000/v1``);
     ``api_key_env`` the name of the environment variable holding the key (None: no
@@ -104,26 +93,17 @@ class HTTPReasoner:
     def __init__(self, name: str, base_url: str, model: str, *, api_key_env: Optional[str] = None,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 1.0,
                  max_concurrency: int = 4, max_tokens: int = 1024, temperature: float = 0.0):
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"reasoner {name!r}: base_url must start with http:// or https://, got {base_url!r}")
-        if timeout <= 0 or retries < 0 or backoff < 0 or max_concurrency < 1:
-            raise ValueError(f"reasoner {name!r}: need timeout > 0, retries >= 0, backoff >= 0 and "
-                             f"max_concurrency >= 1 (got {timeout}, {retries}, {backoff}, {max_concurrency})")
         self.name = name
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.api_key = None
+        api_key = None
         if api_key_env:
-            self.api_key = os.environ.get(api_key_env)
-            if not self.api_key:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
                 raise ValueError(f"reasoner {name!r}: environment variable {api_key_env} (api_key_env) "
                                  "is not set or empty")
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
+        self.client = ChatClient(base_url, model, api_key=api_key, timeout=timeout, retries=retries,
+                                 backoff=backoff, max_concurrency=max_concurrency, what=f"reasoner {name}")
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
-        self._slots = threading.BoundedSemaphore(int(max_concurrency))
 
     def payload(self, request: ReasonerRequest) -> dict:
         content: list[dict] = [{"type": "text", "text": request.prompt}]
@@ -131,47 +111,13 @@ class HTTPReasoner:
             label = request.image_labels[i] if i < len(request.image_labels) else f"Key frame {i + 1}:"
             content.append({"type": "text", "text": label})
             content.append({"type": "image_url", "image_url": {"url": png_data_url(img)}})
-        return {"model": self.model, "messages": [{"role": "user", "content": content}],
+        return {"messages": [{"role": "user", "content": content}],
                 "temperature": self.temperature, "max_tokens": self.max_tokens}
 
-    def _post(self, body: bytes) -> bytes:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with self._slots, urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return resp.read()
-
     def complete(self, request: ReasonerRequest) -> str:
-        body = json.dumps(self.payload(request)).encode("utf-8")
-        last = ""
-        for attempt in range(self.retries + 1):
-            wait = self.backoff * (2 ** attempt)
-            try:
-                raw = self._post(body)
-                break
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode("utf-8", "replace") if exc.fp else ""
-                last = f"HTTP {exc.code} {exc.reason}: {detail}"
-                if exc.code not in (408, 429) and exc.code < 500:
-                    raise ReasonerUnavailable(f"reasoner {self.name}: {self.url}: {last}") from None
-                retry_after = exc.headers.get("Retry-After") if exc.headers else None
-                if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
-                    wait = float(retry_after)
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                last = f"{type(reason).__name__}: {reason}"
-            if attempt < self.retries:
-                wait = min(wait, MAX_BACKOFF_S)
-                log.info("reasoner %s: %s; retry %d/%d in %.1fs", self.name, last, attempt + 1,
-                         self.retries, wait)
-                time.sleep(wait)
-        else:
-            raise ReasonerUnavailable(f"reasoner {self.name}: {self.url}: no reply after "
-                                      f"{self.retries + 1} attempt(s) ({last})")
-        text = raw.decode("utf-8", "replace")
+        text = self.client.post(self.payload(request))
         try:
-            return _content_text(json.loads(text)["choices"][0]["message"]["content"])
+            return message_text(json.loads(text)["choices"][0]["message"]["content"])
         except (ValueError, KeyError, IndexError, TypeError):
             # Not a chat-completions body: hand it on as the reply; scoring counts it malformed.
             return text
