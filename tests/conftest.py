@@ -7,7 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import torch  # noqa: E402
+
+# Test helper modules (video_clips.py) import by name: importlib mode keeps tests/ off sys.path.
+sys.path.insert(0, str(Path(__file__).parent))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

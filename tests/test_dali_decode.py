@@ -10,7 +10,6 @@ the YUV planes are identical; they differ only in the YUV->RGB step. DALI's swsc
 |diff| 1.3, max 14-15, 1-1.5% of values off by more than 2; as MJPEG: mean 0.7, max 21).
 """
 
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -21,39 +20,16 @@ pytest.importorskip("nvidia.dali")
 
 from visioncoach.data import dali as DL  # noqa: E402
 from visioncoach.data import decode as D  # noqa: E402
+import video_clips  # noqa: E402
+from video_clips import frame_ids  # noqa: E402
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 CUP = VIDEOS / "cup.mp4"   # H.264: NVDEC only
-STEP = 6  # grey level per frame index (as in test_decode.py)
 
 
-def write_clip(path, n, fps=10, size=(64, 48), codec="libvpx-vp9", pix_fmt="yuv420p", pts=None,
-               options=None, container_options=None, content=None):
-    """A clip whose frame i is uniformly grey (STEP * i), or ``content(i)`` (an RGB array);
-    ``pts`` in milliseconds gives VFR."""
-    import av
-
-    w, h = size
-    with av.open(str(path), "w", options=container_options or {}) as out:
-        s = out.add_stream(codec, rate=fps, options=options or {})
-        s.width, s.height, s.pix_fmt = w, h, pix_fmt
-        if pts is not None:
-            s.codec_context.time_base = Fraction(1, 1000)
-        for i in range(n):
-            arr = content(i) if content else np.full((h, w, 3), STEP * i, dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
-            if pts is not None:
-                frame.pts = pts[i]
-                frame.time_base = Fraction(1, 1000)
-            for packet in s.encode(frame):
-                out.mux(packet)
-        for packet in s.encode():
-            out.mux(packet)
-    return path
-
-
-def frame_ids(clip):
-    return [round(float(f.float().mean()) / STEP) for f in clip.frames]
+def write_clip(path, n, codec="libvpx-vp9", **kw):
+    """DALI's CPU decoder reads VP8/VP9/MJPEG, not H.264: VP9 by default here."""
+    return video_clips.write_clip(path, n, codec=codec, **kw)
 
 
 def both(path, **kw):

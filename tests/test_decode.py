@@ -1,46 +1,15 @@
 """Frame sampling (visioncoach.data.decode) on synthetic clips whose frames encode their index,
 and on the real sample videos."""
 
-from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from visioncoach.data import decode as D
+from video_clips import frame_ids, write_clip
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
-STEP = 6  # grey level per frame index: survives lossy coding (+-2) and identifies the frame
-
-
-def write_clip(path, n, fps=10, size=(64, 48), codec="libx264", pix_fmt="yuv420p", pts=None,
-               options=None, container_options=None):
-    """A clip whose frame i is uniformly grey (STEP * i); ``pts`` in milliseconds gives VFR."""
-    import av
-
-    w, h = size
-    with av.open(str(path), "w", options=container_options or {}) as out:
-        s = out.add_stream(codec, rate=fps, options=options or {})
-        s.width, s.height, s.pix_fmt = w, h, pix_fmt
-        if pts is not None:
-            s.codec_context.time_base = Fraction(1, 1000)
-        for i in range(n):
-            arr = np.full((h, w, 3), STEP * i, dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
-            if pts is not None:
-                frame.pts = pts[i]
-                frame.time_base = Fraction(1, 1000)
-            for packet in s.encode(frame):
-                out.mux(packet)
-        for packet in s.encode():
-            out.mux(packet)
-    return path
-
-
-def frame_ids(clip):
-    return [round(float(f.float().mean()) / STEP) for f in clip.frames]
-
 
 @pytest.fixture(scope="module")
 def clip40(tmp_path_factory):
