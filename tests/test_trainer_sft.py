@@ -60,6 +60,9 @@ def test_sft_reduces_loss_and_writes_metrics(dataset, tokenizer, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and {"tokens_per_s", "time_forward_s", "time_backward_optim_s", "peak_mem_gb", "lr", "grad_norm"} <= set(lines[0])
     assert ckpt_mod.latest_checkpoint(tmp_path / "checkpoints" / "sft").name == "step-00000006"
+    # Saved at 2, 4, 6; log.keep_checkpoints = 2 keeps the newest two.
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "sft").iterdir()) == [
+        "latest", "step-00000004", "step-00000006"]
 
 
 def test_resume_continues_exactly(dataset, tokenizer, tmp_path):

@@ -180,6 +180,9 @@ class LogConfig:
     # torch.profiler trace over steps "a:b" (empty = off).
     profile_steps: str = ""
     checkpoint_every: int = 100
+    # Checkpoints kept per stage (the newest); older ones are deleted after a new one is
+    # published. 0 keeps all.
+    keep_checkpoints: int = 2
     # "" = fresh run, "auto" = latest checkpoint in output_dir, or a checkpoint path.
     resume: str = ""
 
@@ -251,6 +254,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.optim.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps", "must be >= 1")
     need(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
     need(cfg.log.checkpoint_every >= 1, "log.checkpoint_every", "must be >= 1")
+    need(cfg.log.keep_checkpoints >= 0, "log.keep_checkpoints", "must be >= 0 (0 keeps all)")
     if cfg.log.profile_steps:
         parts = cfg.log.profile_steps.split(":")
         need(len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1]),

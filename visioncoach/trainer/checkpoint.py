@@ -54,8 +54,10 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dict,
-                    extra: dict | None = None, move_in: dict[str, Path] | None = None) -> Path:
-    """Write checkpoint ``step-{state['step']}`` atomically and point ``latest`` at it.
+                    extra: dict | None = None, move_in: dict[str, Path] | None = None,
+                    keep: int = 0) -> Path:
+    """Write checkpoint ``step-{state['step']}`` atomically and point ``latest`` at it; with
+    ``keep`` > 0, delete all but the newest ``keep`` checkpoints afterwards.
 
     ``optimizer`` / ``scheduler`` may be None (their state lives elsewhere, e.g. in DeepSpeed's
     files); ``move_in``: {name: folder} moved into the checkpoint before it is published."""
@@ -86,6 +88,10 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dic
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     _write_text_atomic(out_dir / "latest", name + "\n")
+    if keep:
+        # Only after the new one is published: a crash here leaves extra checkpoints, never fewer.
+        for old in sorted(p for p in out_dir.glob("step-*") if p.is_dir() and p != final)[:-(keep - 1) or None]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

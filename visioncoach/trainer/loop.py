@@ -204,7 +204,8 @@ class StageRunner(abc.ABC):
             if self.dist.is_main:
                 path = save_checkpoint(self.ckpt_dir, self.model, None if self.ds else self.optimizer,
                                        None if self.ds else self.scheduler, self.trainer_state(),
-                                       move_in={"deepspeed": staging} if staging else None)
+                                       move_in={"deepspeed": staging} if staging else None,
+                                       keep=self.cfg.log.keep_checkpoints)
                 log.info("checkpoint %s", path)
         if self.dist.backend is not None:
             dist.barrier()
