@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 
 from visioncoach import config as config_lib
 from visioncoach.trainer.checkpoint import latest_checkpoint
+from visioncoach.utils.files import write_text_atomic
 
 log = logging.getLogger("visioncoach.train")
 
@@ -39,16 +38,6 @@ def _setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stdout,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def param_checksum(model: torch.nn.Module) -> torch.Tensor:
@@ -223,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("native ops: %s", native_info())
         out_dir = Path(cfg.output_dir)
         if dist_info.is_main:
-            _write_atomic(out_dir / "config.yaml", config_lib.to_yaml(cfg))
+            write_text_atomic(out_dir / "config.yaml", config_lib.to_yaml(cfg))
         dataset = prepare_dataset(cfg, dist_info)
         log.info("dataset %s: %d records (%d skipped: video missing)", dataset.path, len(dataset),
                  len(dataset.missing_videos))
@@ -273,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("RL: mean reward per component, first -> last steps: %s", summary["rl"]["reward"])
         summary["ranks_identical_after_training"] = ranks_identical(model, dist_info)
         if dist_info.is_main:
-            _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
+            write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
             log.info("summary: %s (metrics in %s)", summary, out_dir / "metrics.jsonl")
         return 0
     finally:

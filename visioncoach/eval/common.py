@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from visioncoach.grounding import Box
+from visioncoach.utils.files import write_text_atomic
 
 __all__ = ["EvalInputError", "Problems", "read_jsonl", "read_json", "finite_number", "finite_pair",
            "finite_box", "index_predictions", "format_table", "write_json", "default_out_path",
@@ -175,13 +174,7 @@ def format_table(title: str, header: list[str], rows: list[list]) -> str:
 
 def write_json(path: str | Path, obj: Mapping) -> None:
     """Write ``obj`` as indented JSON, via a temporary file and a rename (no half files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def default_out_path(pred: str | Path) -> Path:

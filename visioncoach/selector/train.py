@@ -39,6 +39,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from visioncoach.utils.files import write_text_atomic
+
 from visioncoach.selector.labels import SELECTOR_LABELS
 from visioncoach.selector.model import (LORA_TARGET_MODULES, SELECTOR_META, encode, label_loss,
                                         load_base)
@@ -129,15 +131,6 @@ def _lr_factor(schedule: str, total_steps: int):
     return lambda s: 1.0
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train_selector(samples: list[dict], out: Path, *, base: str = "tiny", labels=SELECTOR_LABELS,
                    epochs: int = 10, batch_size: int = 8, lr: float = 2e-4, weight_decay: float = 0.01,
                    lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05,
@@ -221,7 +214,7 @@ def train_selector(samples: list[dict], out: Path, *, base: str = "tiny", labels
                   "trainable_parameters": n_train, "seed": seed, "skipped": skipped,
                   "history": history},
     }
-    _write_atomic(out / SELECTOR_META, json.dumps(meta, indent=1))
+    write_text_atomic(out / SELECTOR_META, json.dumps(meta, indent=1))
     return meta
 
 

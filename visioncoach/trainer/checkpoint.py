@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visioncoach.utils.files import write_text_atomic
+
 STATE = "trainer_state.json"
 
 
@@ -42,15 +44,6 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dict,
@@ -87,7 +80,7 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dic
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _write_text_atomic(out_dir / "latest", name + "\n")
+    write_text_atomic(out_dir / "latest", name + "\n")
     if keep:
         # Only after the new one is published: a crash here leaves extra checkpoints, never fewer.
         for old in sorted(p for p in out_dir.glob("step-*") if p.is_dir() and p != final)[:-(keep - 1) or None]:
