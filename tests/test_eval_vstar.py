@@ -4,11 +4,10 @@ retries and timeouts; the CLI)."""
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from chat_server import ChatServer
 from visioncoach.eval import vstar
 from visioncoach.eval.__main__ import main as eval_main
 from visioncoach.eval.common import EvalInputError
@@ -125,48 +124,12 @@ def test_exact_match_judge_and_score_parsing():
     assert [parse_score(s) for s in ["2", "Score: 3.", "10", "1.5", "none", " 0\n"]] == [2, 3, None, None, None, 0]
 
 
-class _Server:
-    """An OpenAI-compatible stub on 127.0.0.1: replies per ``mode``; records the requests."""
-
-    def __init__(self):
-        self.mode, self.requests = "ok", []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append((self.path, dict(self.headers), body))
-                if outer.mode == "slow":
-                    outer.release.wait(30)   # until the test ends: the client times out first
-                    return
-                if outer.mode in ("500", "400"):
-                    self.send_error(int(outer.mode))
-                    return
-                reply = json.dumps({"choices": [{"message": {"content": "Score: 2"}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.release = threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.block_on_close = False
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+JUDGE_REPLY = ("ok", "Score: 2")
 
 
 @pytest.fixture()
 def server():
-    s = _Server()
+    s = ChatServer(default=JUDGE_REPLY)
     yield s
     s.close()
 
@@ -180,11 +143,12 @@ def test_http_judge_scores_retries_and_times_out(server):
     assert "Ground-truth answer: a cup" in body["messages"][1]["content"]
 
     impatient = HttpJudge(server.url, "judge-model", timeout=0.3, retries=1, backoff=0.01)
-    for mode, attempts, reason in [("500", 2, "HTTP 500"), ("400", 1, "HTTP 400"), ("slow", 2, "timed out")]:
-        server.mode, n0 = mode, len(server.requests)
-        verdict = (impatient if mode == "slow" else judge).score("Q?", "a cup", "cup")
-        assert verdict.score is None and reason in verdict.error, (mode, verdict)
-        assert len(server.requests) - n0 == attempts, mode       # 400 is not retried
+    for action, attempts, reason in [(("status", 500), 2, "HTTP 500"), (("status", 400), 1, "HTTP 400"),
+                                     (("sleep", 3.0, "Score: 2"), 2, "timed out")]:
+        server.default, n0 = action, len(server.requests)
+        verdict = (impatient if action[0] == "sleep" else judge).score("Q?", "a cup", "cup")
+        assert verdict.score is None and reason in verdict.error, (action, verdict)
+        assert len(server.requests) - n0 == attempts, action     # 400 is not retried
 
     closed = HttpJudge("http://127.0.0.1:9/v1", "m", timeout=0.3, retries=0)   # nothing listens
     verdict = closed.score("q", "a", "b")
@@ -211,7 +175,7 @@ def test_cli_with_http_judge(server, gt, tmp_path, capsys):
     assert eval_main(["vstar", "--pred", str(pred), "--gt", str(gt), "--judge", "http"]) == 2
     assert "--judge-url" in capsys.readouterr().err
 
-    server.mode = "400"                      # a judge that fails: wrong answers, not bad predictions
+    server.default = ("status", 400)         # a judge that fails: wrong answers, not bad predictions
     m, _ = vstar.evaluate(gt, pred, HttpJudge(server.url, "m", retries=0))
     assert m["judge_failed"] == 2 and m["n_bad"] == 0 and m["acc"] == 0.0
     assert "HTTP 400" in capsys.readouterr().err

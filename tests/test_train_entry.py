@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,6 @@ def test_torchrun_two_processes_sft_then_rl(tmp_path, engine, zero):
     env = dict(os.environ, PYTHONSAFEPATH="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                VISIONCOACH_CACHE=str(tmp_path / "cache"))
     torchrun = Path(sys.executable).with_name("torchrun")
-    t0 = time.time()
     res = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "visioncoach.train",
          f"--output_dir={tmp_path / 'run'}", "--optim.sft_steps=3", "--optim.rl_steps=2",
@@ -77,4 +75,3 @@ def test_torchrun_two_processes_sft_then_rl(tmp_path, engine, zero):
     assert m.lm_head.weight.shape == (151936, 64)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["output_dir"] == str(run)
-    assert time.time() - t0 < 600
