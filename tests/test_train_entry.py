@@ -75,3 +75,29 @@ def test_torchrun_two_processes_sft_then_rl(tmp_path, engine, zero):
     assert m.lm_head.weight.shape == (151936, 64)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["output_dir"] == str(run)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_default_command_runs_every_component(tmp_path):
+    """`torchrun --nproc_per_node=2 -m visioncoach.train` with no arguments (about 7 minutes on
+    2 CPU cores): SFT raises the held-out format reward, and RL finds hard samples, renders
+    visual prompts, re-rolls them and distills."""
+    env = dict(os.environ, PYTHONSAFEPATH="1", HF_HUB_OFFLINE="1", VISIONCOACH_CACHE=str(tmp_path / "cache"))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "visioncoach.train",
+                          f"--output_dir={tmp_path / 'run'}", "--log.progress=false"],
+                         env=env, capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["heldout_format_after_sft"] > summary["heldout_format_before_sft"], summary
+    rl = summary["rl"]
+    assert rl["steps"] == 10 and rl["hard_frac"] > 0 and rl["vp_rollouts"] > 0 and rl["sd_rows"] > 0, rl
+    assert sum(rl["vp_counts"].values()) >= rl["vp_rollouts"]     # a prompt without key frames is not re-rolled
+    assert summary["ranks_identical_after_training"] is True
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["stage"] == "rl" and m["loss"] is not None and m["nll_mean"] > 0 for m in metrics)
+    # Checkpoint retention: the newest two of each stage.
+    for stage in ("sft", "rl"):
+        kept = [p.name for p in (tmp_path / "run" / "checkpoints" / stage).glob("step-*")]
+        assert 1 <= len(kept) <= 2, kept

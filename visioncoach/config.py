@@ -101,6 +101,9 @@ class RolloutConfig:
     max_new_tokens: int = 768
     # Prompts per rank per step (paper: per-device batch 1).
     prompts_per_step: int = 1
+    # CUDA only: capture the decode step with torch.compile(mode="reduce-overhead") (CUDA
+    # graphs over the static KV cache). GPU-unverified, so off by default.
+    compile_decode: bool = False
 
 
 @dataclass

@@ -287,7 +287,8 @@ class RLRunner(StageRunner):
         r = self.cfg.rollout
         grp = generate_group(self.model, inputs, r.num_generations, max_new_tokens=r.max_new_tokens,
                              temperature=r.temperature, top_p=r.top_p, eos_token_ids=self.eos,
-                             pad_token_id=self.pad, generator=generator)
+                             pad_token_id=self.pad, generator=generator,
+                             compile_decode=r.compile_decode)
         lengths = grp.lengths.tolist()
         texts = self.tokenizer.batch_decode([row[:n] for row, n in zip(grp.tokens.tolist(), lengths)],
                                             skip_special_tokens=True)
