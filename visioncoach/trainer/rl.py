@@ -471,7 +471,7 @@ class RLRunner(StageRunner):
         m = {"stage": "rl", "step": self.step + 1, "prompts": len(results), "time_data_s": t_data,
              **{f"time_{k}_s": v for k, v in times.items()}}
         mu = cfg.loss.updates_per_rollout
-        losses, grad_norms, stats_acc = [], [], Counter()
+        losses, grad_norms, stats_acc = [], [], {}
         n_tok = 0
         if results:
             groups, adv, gw, sw = self.loss_rows(results)
@@ -491,7 +491,7 @@ class RLRunner(StageRunner):
             if results:
                 with nvtx_range("rl/policy_logprobs"):
                     loss, stats, mask = self.loss(groups, adv, gw, sw, old, ref)
-                n_tok += int(mask.sum())
+                n_tok = n_tok + mask.sum()
             else:
                 loss, stats = self.zero_loss(), {}
             t1 = time.perf_counter()
@@ -500,17 +500,19 @@ class RLRunner(StageRunner):
             t2 = time.perf_counter()
             t_lp += t1 - t0
             t_bw += t2 - t1
-            if ok:
-                losses.append(float(loss.detach()))
-                grad_norms.append(float(grad_norm))
+            if ok:   # kept as tensors: read once, after the step's updates
+                losses.append(loss.detach())
+                grad_norms.append(grad_norm.detach())
             for k, v in stats.items():
-                stats_acc[k] += float(v) / mu
+                stats_acc[k] = stats_acc.get(k, 0.0) + v.detach() / mu
         self.step += 1
-        m.update(loss=sum(losses) / len(losses) if losses else None, skipped_updates=mu - len(losses),
-                 lr=lr, grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None,
+        n_tok = int(n_tok)
+        m.update(loss=float(torch.stack(losses).mean()) if losses else None,
+                 skipped_updates=mu - len(losses), lr=lr,
+                 grad_norm=float(torch.stack(grad_norms).mean()) if grad_norms else None,
                  time_policy_logprobs_s=t_lp, time_backward_optim_s=t_bw, tokens=n_tok,
                  tokens_per_s=n_tok / max(t_lp + t_bw, 1e-9), peak_mem_gb=_peak_mem_gb(dev),
-                 samples_skipped=self.failures.total, **dict(stats_acc))
+                 samples_skipped=self.failures.total, **{k: float(v) for k, v in stats_acc.items()})
         m.update(self.step_metrics(results))
         return m
 
