@@ -72,7 +72,7 @@ def prepare_dataset(cfg, dist_info, sft: bool | None = None):
     return load_stgr(path, cfg.data.video_root or None, sft=cfg.stage != "rl" if sft is None else sft)
 
 
-HELDOUT_SAMPLES = 8
+HELDOUT_SAMPLES = 16
 
 
 def _heldout_set(cfg, dist_info):
@@ -188,6 +188,7 @@ def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
     try:
         _, _, print_config = config_lib.parse_args(argv)
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["rl"] = rl_summary(history, runner.step)
             log.info("RL: mean reward per component, first -> last steps: %s", summary["rl"]["reward"])
         summary["ranks_identical_after_training"] = ranks_identical(model, dist_info)
+        summary["wall_time_s"] = round(time.perf_counter() - t_start, 1)   # from start-up, this process
         if dist_info.is_main:
             write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
             log.info("summary: %s (metrics in %s)", summary, out_dir / "metrics.jsonl")
