@@ -18,8 +18,9 @@ train: setup
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# A script's own folder on sys.path (not the checkout root) is what lets it import bench/_common.py.
 bench: setup
-	@for b in bench/bench_*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+	@for b in bench/bench_*.py; do echo "== $$b"; PYTHONSAFEPATH= $(VENV)/bin/python $$b || exit 1; done
 
 clean:
 	rm -rf build *.egg-info visioncoach/*.so .pytest_cache

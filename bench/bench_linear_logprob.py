@@ -6,8 +6,9 @@ Compares, at the same shapes in the same run, what a user would otherwise use ag
   ours    visioncoach.kernels.linear_logprob (chunked; Triton row kernels on CUDA) + gspo_sd_loss
 each with a frozen LM head (LoRA training) and a trainable one. Every case runs in a fresh
 process so peak memory is its own: "extra peak" is the process's peak RSS (CPU) or peak CUDA
-allocation minus what was held just before the timed call. Prints a table and appends CSV rows
-to bench/results/linear_logprob.csv.
+allocation minus what was held just before the timed call; time is the best of ``--repeats``.
+Prints a table and appends CSV rows to bench/results/linear_logprob.csv (the schema in
+bench/_common.py).
 
     python bench/bench_linear_logprob.py               # H=896, V=151936, 4 x 1024 tokens, fp32
     python bench/bench_linear_logprob.py --quick       # small shapes, a smoke run
@@ -17,18 +18,15 @@ to bench/results/linear_logprob.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-CSV = Path(__file__).parent / "results" / "linear_logprob.csv"
+from _common import measure, print_table, results_from_rows, write_results
+
 LOSS_KW = dict(eps_low=3e-4, eps_high=4e-4, beta=0.04)
 IMPLS = ("naive", "liger", "ours")
 
@@ -90,6 +88,8 @@ def run_case(impl: str, n: int, t: int, h: int, v: int, trainable: bool, dtype: 
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    # One measure() per repeat: the memory baseline is taken between repeats, outside the clock.
+    # No warm-up: the first call's cost (allocations, lazy setup) is part of what a step costs.
     times = []
     peak = 0
     for _ in range(repeats):
@@ -101,10 +101,7 @@ def run_case(impl: str, n: int, t: int, h: int, v: int, trainable: bool, dtype: 
             before = torch.cuda.memory_allocated()
         else:
             before = _rss_bytes()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        times += measure(step, repeats=1, warmup=0, sync=sync).times
         if dev.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_allocated() - before)
         else:
@@ -154,27 +151,19 @@ def main() -> None:
             r = rows[-1]
             print(f"  {impl:6s} {head:9s} {r['seconds']:8.2f} s  {r['extra_peak_gb']:6.2f} GB", flush=True)
 
-    print(f"\nlinear log-probs + GSPO loss, forward+backward: N*T={n}x{t}, H={h}, V={v}, "
-          f"{args.dtype}, {device} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores)")
-    print(f"{'impl':8s} {'head':10s} {'seconds':>9s} {'extra peak GB':>14s} {'vs naive':>9s} {'vs liger':>9s}")
     for r in rows:
         base = {b["impl"]: b["seconds"] for b in rows if b["head"] == r["head"]}
-        rel = lambda k: f"{base[k] / r['seconds']:8.2f}x" if k in base and r["seconds"] == r["seconds"] else "      -"  # noqa: E731
-        print(f"{r['impl']:8s} {r['head']:10s} {r['seconds']:9.2f} {r['extra_peak_gb']:14.2f} "
-              f"{rel('naive')} {rel('liger')}")
-    CSV.parent.mkdir(parents=True, exist_ok=True)
-    new = not CSV.exists()
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with CSV.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["utc", "impl", "head", "N", "T", "H", "V", "dtype", "device", "seconds",
-                        "extra_peak_gb"])
-        for r in rows:
-            w.writerow([stamp, r["impl"], r["head"], r.get("N", n), r.get("T", t), r.get("H", h),
-                        r.get("V", v), r.get("dtype", args.dtype), r["device"],
-                        f"{r['seconds']:.4f}", f"{r['extra_peak_gb']:.4f}"])
+        for k in ("naive", "liger"):
+            r[f"vs_{k}"] = base[k] / r["seconds"] if k in base and r["seconds"] == r["seconds"] else None
+    title = (f"\nlinear log-probs + GSPO loss, forward+backward, best of {args.repeats}: "
+             f"N*T={n}x{t}, H={h}, V={v}, {args.dtype}, {device} "
+             f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    print_table(rows, ["impl", "head", ("seconds", "seconds", ".2f"),
+                       ("extra_peak_gb", "extra peak GB", ".2f"), ("vs_naive", "vs naive", "{:.2f}x"),
+                       ("vs_liger", "vs liger", "{:.2f}x")], title=title)
+    write_results("linear_logprob", results_from_rows(
+        rows, ["head"], {"seconds": ("time_min", "s"), "extra_peak_gb": ("extra_peak", "GB")},
+        N=n, T=t, H=h, V=v, dtype=args.dtype, repeats=args.repeats))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ Rows (CPU, one thread, best of ``--repeats`` wall times; speedup = reference / r
              rows, plus ROUGE alone (every distinct (answer, ground truth) pair scored once,
              which is what ``score`` does) to show what bounds that row.
 
-Prints a table and appends rows to bench/results/rewards.csv.
+Prints a table and appends rows to bench/results/rewards.csv (the schema in bench/_common.py).
 
     python bench/bench_rewards.py                 # 512 rollouts
     python bench/bench_rewards.py --profile       # also cProfile ``score`` (top functions)
@@ -30,22 +30,16 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import csv
-import datetime
-import gc
-import platform
 import pstats
 import random
-import time
-from pathlib import Path
 
 import torch
 
+from _common import measure_each, print_table, results_from_rows, write_results
 from visioncoach.grounding import parse_texts
 from visioncoach.rewards import RewardConfig, batched, score, score_reference
 from visioncoach.rewards.reference import rouge
 
-CSV = Path(__file__).parent / "results" / "rewards.csv"
 MAIN_TASKS = ("temporal QA", "temporal QA (MCQ)", "visual QA", "General video QA MCQ")
 FREE_FORM_TASKS = ("temporal-spatial free-form QA", "General video QA Free-form")
 
@@ -157,27 +151,6 @@ def make_batch(n: int, group: int, tasks: tuple[str, ...], seed: int = 0) -> tup
     return texts, samples
 
 
-def best_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Best wall time of each callable over ``repeats`` rounds, the callables interleaved
-    within a round so that a burst of load from other jobs on the machine hits them alike.
-    The garbage collector is off while timing (as in timeit): every round allocates alike,
-    so a collection would land in the same callable each round and the best-of would keep it."""
-    for fn in fns.values():
-        fn()  # warm-up (lazy imports, the ROUGE scorer, allocator)
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            gc.collect()
-            gc.disable()
-            try:
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-            finally:
-                gc.enable()
-    return best
-
-
 def check_equal(texts, samples, cfg) -> None:
     fast, ref = score(texts, samples, cfg), score_reference(texts, samples, cfg)
     for k in fast:
@@ -214,16 +187,15 @@ def main() -> None:
             pairs = {(t.split("<answer>")[-1].split("</answer>")[0], s["answer"])
                      for t, s in zip(texts, samples)}
             fns["rouge"] = lambda: [rouge(a, b) for a, b in pairs]
-        timings = best_times(fns, args.repeats)
-        base = timings["reference"]
-        for impl, sec in timings.items():
+        # Interleaved rounds: a burst of load from other jobs on the machine hits every row alike.
+        timings = measure_each(fns, repeats=args.repeats, warmup=1, gc_off=True)
+        base = timings["reference"].min
+        for impl, t in timings.items():
             rows.append(dict(
-                utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 batch=label, impl=impl, n=len(texts), group=args.group, chars=round(chars),
-                claims=n_claims, cpu=platform.processor() or platform.machine(),
-                threads=torch.get_num_threads(), ms=round(sec * 1e3, 3),
+                claims=n_claims, threads=torch.get_num_threads(), ms=t.min * 1e3,
                 # records and rouge are parts of score, not alternatives to the reference
-                speedup=round(base / sec, 1) if impl not in ("records", "rouge") else ""))
+                speedup=base / t.min if impl not in ("records", "rouge") else None))
         if args.profile and label == "main":
             prof = cProfile.Profile()
             prof.enable()
@@ -232,18 +204,11 @@ def main() -> None:
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
-    print(f"{'batch':>10} {'impl':>14} {'n':>5} {'chars':>6} {'claims':>7} {'ms':>10} {'speedup':>8}")
-    for r in rows:
-        speedup = f"{r['speedup']:.1f}x" if r["speedup"] != "" else ""
-        print(f"{r['batch']:>10} {r['impl']:>14} {r['n']:>5} {r['chars']:>6} {r['claims']:>7} "
-              f"{r['ms']:>10.3f} {speedup:>8}")
-    CSV.parent.mkdir(parents=True, exist_ok=True)
-    new = not CSV.exists()
-    with CSV.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    print_table(rows, ["batch", "impl", "n", "chars", "claims", ("ms", "best ms", ".3f"),
+                       ("speedup", "speedup", "{:.1f}x")])
+    write_results("rewards", results_from_rows(
+        rows, ["batch", "n", "group", "chars", "claims", "threads"],
+        {"ms": ("time_min", "ms"), "speedup": ("speedup_vs_reference", "x")}, repeats=args.repeats))
 
 
 if __name__ == "__main__":

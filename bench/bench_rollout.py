@@ -13,7 +13,7 @@ random-weight Qwen2.5-VL (real 151,936-token vocabulary), temperature 1.0, top-p
 Per row: wall time (median of ``--repeats``), vision-encoder calls (forward hook on
 ``model.model.visual``), prompt prefills (language-model calls with more than one input
 position, and the number of rows they ran). Prints a table and appends CSV rows to
-bench/results/rollout.csv.
+bench/results/rollout.csv (the schema in bench/_common.py; ``--no-csv`` to skip).
 
     python bench/bench_rollout.py                    # G = 4 and 8, 64 new tokens, 3 repeats
     python bench/bench_rollout.py --profile          # also cProfile one run of ours
@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import csv
-import datetime
+import itertools
 import os
-import platform
 import pstats
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,16 +35,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from _common import measure_each, print_table, results_from_rows, write_results  # noqa: E402
 from visioncoach import processor as P  # noqa: E402
 from visioncoach.data.decode import decode  # noqa: E402
 from visioncoach.models.tiny import build_tiny_model  # noqa: E402
 from visioncoach.models.tokenizer import qwen25_tokenizer  # noqa: E402
-from visioncoach.prompts import user_text  # noqa: E402
-from visioncoach.rollout import CallCounter, generate_group  # noqa: E402
+from visioncoach.rollout import generate_group  # noqa: E402
+from visioncoach.templates import user_text  # noqa: E402
+from visioncoach.utils.profiling import CallCounter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CUP = ROOT.parent / "shared" / "data" / "videos" / "cup.mp4"
-CSV = Path(__file__).parent / "results" / "rollout.csv"
 PAD = 151643
 
 
@@ -81,26 +78,26 @@ def run_ours_sort(model, inputs, G, n, seed):
     return run_ours(model, inputs, G, n, seed, top_p_method="sort")
 
 
-def _timed(fn, model, inputs, G, n, seed):
-    with torch.no_grad(), CallCounter(model.model.visual) as v, \
-            CallCounter(model.model.language_model, min_seq=2) as pf:
-        t0 = time.perf_counter()
-        tokens = fn(model, inputs, G, n, seed=seed)
-        seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, vision_calls=v.calls, prefill_calls=pf.calls,
-                prefill_rows=pf.rows, shape=tuple(tokens.shape))
+def time_impls(impls, model, inputs, G, n, repeats):
+    """Median wall time per implementation, with the last run's vision-encoder and prefill
+    counts; runs alternate (hf, ours, hf, ours, ...) so both see the same background load on
+    a shared machine. Round r samples with seed r on every side. The counters' hooks are set
+    up inside the clock: microseconds, against seconds of generation."""
+    def counted(fn):
+        seeds = itertools.count()
 
+        def run():
+            with torch.no_grad(), CallCounter(model.model.visual) as v, \
+                    CallCounter(model.model.language_model, min_seq=2) as pf:
+                tokens = fn(model, inputs, G, n, seed=next(seeds))
+            return dict(vision_calls=v.calls, prefill_calls=pf.calls, prefill_rows=pf.rows,
+                        shape=tuple(tokens.shape))
+        return run
 
-def measure(impls, model, inputs, G, n, repeats):
-    """Median wall time per implementation; runs alternate (hf, ours, hf, ours, ...) so both
-    see the same background load on a shared machine."""
-    runs = {name: [] for name in impls}
-    for r in range(repeats):
-        for name, fn in impls.items():
-            runs[name].append(_timed(fn, model, inputs, G, n, seed=r))
-    return {name: dict(rs[-1], seconds=statistics.median(x["seconds"] for x in rs),
-                       all_seconds=[round(x["seconds"], 3) for x in rs])
-            for name, rs in runs.items()}
+    timings = measure_each({name: counted(fn) for name, fn in impls.items()}, repeats=repeats,
+                           warmup=0)
+    return {name: dict(t.value, seconds=t.median, all_seconds=[round(x, 3) for x in t.times])
+            for name, t in timings.items()}
 
 
 def main() -> None:
@@ -133,20 +130,19 @@ def main() -> None:
         impls = {"hf": run_hf, "ours": run_ours}
         if args.with_sort:
             impls["ours_sort"] = run_ours_sort
-        res = measure(impls, model, inputs, G, args.max_new_tokens, args.repeats)
+        res = time_impls(impls, model, inputs, G, args.max_new_tokens, args.repeats)
         for name, r in res.items():
             assert r["shape"] == (G, args.max_new_tokens), (name, r["shape"])
         for name, r in res.items():
             rows.append(dict(impl=name, G=G, **{k: v for k, v in r.items() if k != "shape"},
                              speedup=res["hf"]["seconds"] / r["seconds"]))
 
-    print(f"\n{'impl':9s} {'G':>3s} {'seconds':>9s} {'ms/token':>9s} {'vision':>7s} {'prefills':>9s} "
-          f"{'prefill rows':>13s} {'speedup':>8s}")
-    for r in rows:
-        print(f"{r['impl']:9s} {r['G']:3d} {r['seconds']:9.3f} "
-              f"{1e3 * r['seconds'] / args.max_new_tokens:9.1f} {r['vision_calls']:7d} "
-              f"{r['prefill_calls']:9d} {r['prefill_rows']:13d} {r['speedup']:7.2f}x  "
-              f"runs {r['all_seconds']}")
+    print()
+    print_table(rows, ["impl", "G", ("seconds", "seconds", ".3f"),
+                       (lambda r: 1e3 * r["seconds"] / args.max_new_tokens, "ms/token", ".1f"),
+                       ("vision_calls", "vision"), ("prefill_calls", "prefills"),
+                       ("prefill_rows", "prefill rows"), ("speedup", "speedup", "{:.2f}x"),
+                       ("all_seconds", "runs")])
 
     if args.profile:
         prof = cProfile.Profile()
@@ -155,21 +151,12 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
     if not args.no_csv:
-        CSV.parent.mkdir(parents=True, exist_ok=True)
-        new = not CSV.exists()
-        utc = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        with CSV.open("a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["utc", "impl", "G", "prompt_tokens", "vision_tokens", "new_tokens",
-                            "threads", "device", "seconds", "vision_calls", "prefill_calls",
-                            "prefill_rows", "speedup_vs_hf", "machine"])
-            for r in rows:
-                w.writerow([utc, r["impl"], r["G"], L, inputs.num_vision_tokens, args.max_new_tokens,
-                            torch.get_num_threads(), "cpu", f"{r['seconds']:.4f}", r["vision_calls"],
-                            r["prefill_calls"], r["prefill_rows"], f"{r['speedup']:.3f}",
-                            platform.processor() or platform.machine()])
-        print(f"\nappended {len(rows)} rows to {CSV.relative_to(ROOT)}")
+        write_results("rollout", results_from_rows(
+            rows, ["G"], {"seconds": ("time_median", "s"), "vision_calls": ("vision_calls", "count"),
+                          "prefill_calls": ("prefill_calls", "count"),
+                          "prefill_rows": ("prefill_rows", "count"), "speedup": ("speedup_vs_hf", "x")},
+            prompt_tokens=L, vision_tokens=inputs.num_vision_tokens, new_tokens=args.max_new_tokens,
+            threads=torch.get_num_threads(), repeats=args.repeats))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Benchmark: video file -> Qwen2.5-VL model inputs (decode + VP render + preprocess).
 
 ours      visioncoach.data.decode (PyAV, by time, seeking across gaps) -> VP render of the key
-          frames (visioncoach.kernels.vp_render, darken) -> visioncoach.processor.build_inputs
+          frames (visioncoach.vp.render_vp, darken) -> visioncoach.processor.build_inputs
           (resize + native patchify on the frames' device)
 baseline  the reference stack's approach: decode every frame with PyAV, take
           linspace(0, n - 1, k) indices, convert to PIL images, transformers' Qwen2.5-VL
           processor (no VP: the baseline gets the cheaper job)
 Both produce 16 uniform frames + 2 key frames at the reference's pixel budget (128*28*28),
-for the real videos in ../shared/data/videos. Prints a table (ms per clip, frames/s) and
-appends CSV rows to bench/results/video_pipeline.csv.
+for the real videos in ../shared/data/videos. Prints a table (median ms per clip, frames/s) and
+appends CSV rows to bench/results/video_pipeline.csv (the schema in bench/_common.py).
 
     python bench/bench_video_pipeline.py [--repeats 5]
 """
@@ -16,24 +16,21 @@ appends CSV rows to bench/results/video_pipeline.csv.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from _common import measure, print_table, results_from_rows, write_results
+
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
-CSV = Path(__file__).parent / "results" / "video_pipeline.csv"
 NFRAMES, MAX_PIXELS, MIN_PIXELS = 16, 128 * 28 * 28, 3136
 
 
 def ours(path: Path, tokenizer, key_times, device) -> int:
     from visioncoach.data.decode import decode
-    from visioncoach.kernels.vp_render import render_vp
     from visioncoach.processor import build_inputs, resize_frames
+    from visioncoach.vp import render_vp
 
     clip = decode(path, nframes=NFRAMES, key_times=key_times)
     frames = clip.frames.to(device)
@@ -44,8 +41,8 @@ def ours(path: Path, tokenizer, key_times, device) -> int:
     boxes = torch.tensor([[[w * 0.3, h * 0.3, w * 0.6, h * 0.7]]], device=device).expand(len(keys), 1, 4)
     frames[keys] = render_vp(frames[keys], "darken", boxes.contiguous(),
                              torch.ones(len(keys), dtype=torch.int64, device=device), keys)
-    inputs = build_inputs(frames, clip.times, clip.duration, "What is held?", tokenizer,
-                          min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    build_inputs(frames, clip.times, clip.duration, "What is held?", tokenizer,   # timed, then dropped
+                 min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     return len(clip)
 
 
@@ -88,32 +85,22 @@ def main() -> None:
         for impl in ("baseline", "ours"):
             run = (lambda: baseline(path, processor, key_times)) if impl == "baseline" else \
                 (lambda: ours(path, tokenizer, key_times, device))
-            n = run()  # warm-up (imports, first allocations)
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            ms = 1000 * statistics.median(times)
-            rows.append(dict(video=name, impl=impl, frames=n, ms=ms, fps=n / (ms / 1000), device=device.type))
-    print(f"decode + VP + preprocess, {NFRAMES} uniform + 2 key frames, {MAX_PIXELS} px/frame, "
-          f"{device.type}, {os.cpu_count()} cores, median of {args.repeats}")
-    print(f"{'video':10s} {'impl':9s} {'frames':>6s} {'ms/clip':>9s} {'frames/s':>9s} {'speed-up':>9s}")
+            # warm-up: imports and first allocations stay out of the times
+            timing = measure(run, repeats=args.repeats, warmup=1,
+                             sync=torch.cuda.synchronize if device.type == "cuda" else None)
+            n, ms = timing.value, 1000 * timing.median
+            rows.append(dict(video=name, impl=impl, frames=n, ms=ms, fps=n / (ms / 1000)))
+    base = {r["video"]: r["ms"] for r in rows if r["impl"] == "baseline"}
     for r in rows:
-        base = next(b["ms"] for b in rows if b["video"] == r["video"] and b["impl"] == "baseline")
-        print(f"{r['video']:10s} {r['impl']:9s} {r['frames']:6d} {r['ms']:9.1f} {r['fps']:9.1f} "
-              f"{base / r['ms']:8.2f}x")
-    CSV.parent.mkdir(parents=True, exist_ok=True)
-    new = not CSV.exists()
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with CSV.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["utc", "video", "impl", "frames", "ms_per_clip", "frames_per_s", "device"])
-        for r in rows:
-            w.writerow([stamp, r["video"], r["impl"], r["frames"], f"{r['ms']:.2f}", f"{r['fps']:.2f}", r["device"]])
+        r["speedup"] = base[r["video"]] / r["ms"]
+    print_table(rows, ["video", "impl", "frames", ("ms", "ms/clip", ".1f"), ("fps", "frames/s", ".1f"),
+                       ("speedup", "speed-up", "{:.2f}x")],
+                title=f"decode + VP + preprocess, {NFRAMES} uniform + 2 key frames, {MAX_PIXELS} px/frame, "
+                      f"{device.type}, {os.cpu_count()} cores, median of {args.repeats}")
+    write_results("video_pipeline", results_from_rows(
+        rows, ["video"], {"ms": ("time_median", "ms"), "fps": ("throughput", "frames/s"),
+                          "frames": ("frames", "count")},
+        nframes=NFRAMES, key_frames=2, max_pixels=MAX_PIXELS, repeats=args.repeats))
 
 
 if __name__ == "__main__":

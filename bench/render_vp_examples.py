@@ -13,15 +13,16 @@ and key frame, the plain frames, and a contact sheet (rows: key frames, columns:
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from _common import measure
 from visioncoach.data.decode import decode
-from visioncoach.kernels.vp_render import VP_TYPES, render_vp
-from visioncoach.vp.hints import add_hint
+from visioncoach.vp import add_hint, render_vp, vp_types
+
+VP_TYPES = vp_types()
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VIDEO = ROOT.parent / "shared" / "data" / "videos" / "cup.mp4"
@@ -72,14 +73,11 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rendered = {}
     for t in VP_TYPES:
-        render_vp(frames, t, boxes, box_count, frame_index, heatmap, backend=args.backend)  # warm-up
-        if frames.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = render_vp(frames, t, boxes, box_count, frame_index, heatmap, backend=args.backend)
-        if frames.is_cuda:
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) * 1e3
+        # warm-up: Triton compiles (or the interpreter traces) the kernel on the first call
+        timing = measure(lambda: render_vp(frames, t, boxes, box_count, frame_index, heatmap,
+                                           backend=args.backend),
+                         repeats=1, warmup=1, sync=torch.cuda.synchronize if frames.is_cuda else None)
+        out, dt = timing.value, timing.min * 1e3
         rendered[t] = out.cpu()
         for i, k in enumerate(keys):
             Image.fromarray(rendered[t][i].numpy()).save(args.out / f"frame{k}_{t}.png")

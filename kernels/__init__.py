@@ -32,6 +32,6 @@ if __name__ != "visioncoach.kernels":
     finally:
         _sys.path[:] = _saved
 else:
-    from visioncoach.kernels._backend import resolve_backend  # noqa: F401
+    from visioncoach.kernels._backend import Backend, interpreting, resolve_backend  # noqa: F401
 
-    __all__ = ["resolve_backend"]
+    __all__ = ["Backend", "interpreting", "resolve_backend"]

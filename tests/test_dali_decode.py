@@ -216,7 +216,7 @@ def test_pipeline_is_built_once(clips, monkeypatch):
 def test_auto_uses_pyav_without_cuda(clips, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: auto uses DALI")
-    assert not D._dali_gpu_available()
+    assert not DL.dali_gpu_available()
 
     def no_dali(*a, **k):
         raise AssertionError("auto must not use DALI without CUDA")
@@ -230,7 +230,7 @@ def test_auto_uses_pyav_without_cuda(clips, monkeypatch):
 
 def test_auto_falls_back_to_pyav_when_dali_fails(clips, mid_corrupt, monkeypatch):
     # Pretend CUDA + DALI are available; without CUDA the DALI call runs on the CPU decoder.
-    monkeypatch.setattr(D, "_dali_gpu_available", lambda: True)
+    monkeypatch.setattr(DL, "dali_gpu_available", lambda: True)
     calls = []
     real = DL.decode_dali
     monkeypatch.setattr(DL, "decode_dali", lambda *a, **k: calls.append(a[0]) or real(*a, **k))

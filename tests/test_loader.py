@@ -49,10 +49,11 @@ def test_sharding_is_disjoint_complete_and_deterministic():
 def test_reward_record_is_converted_once_for_the_model_frame_size(data_with_bad_files):
     from visioncoach.processor import build_inputs, smart_resize
     from visioncoach.rewards import convert
+    from visioncoach.rewards.records import RewardTargets
 
     data, _ = data_with_bad_files
     budget = (28 * 28 * 4, 28 * 28 * 6)          # forces a resize of the 112 x 84 frames
-    s = L.ClipDataset(data, nframes=4, backend="pyav", pixels=budget)[0]
+    s = L.ClipDataset(data, nframes=4, backend="pyav", targets=RewardTargets(budget))[0]
     h, w = smart_resize(84, 112, *budget)
     assert (w, h) != (112, 84)
     assert s.reward_record == convert({**s.record, "frame_size": [w, h]}, 0)

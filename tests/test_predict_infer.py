@@ -16,8 +16,9 @@ from visioncoach.eval.__main__ import main as eval_main
 from visioncoach.grounding import Claim, parse
 from visioncoach.infer import draw_contact_sheet, write_grounding
 from visioncoach.infer import main as infer_main
-from visioncoach.predict import (charades_items, claim_boxes_by_second, load_model, predict_charades,
-                                 VideoFinder)
+from visioncoach.predict import charades_items, claim_boxes_by_second, predict_charades, VideoFinder
+from visioncoach.rollout import session as session_mod
+from visioncoach.rollout.session import load_session
 from visioncoach.predict import main as predict_main
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
@@ -37,7 +38,7 @@ def checkpoint(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
     """The checkpoint loaded once through the real loader (folder -> model + processor)."""
-    session = load_model(checkpoint, device="cpu")
+    session = load_session(checkpoint, device="cpu")
     assert session.eos_token_ids and session.model.training is False
     return session
 
@@ -46,14 +47,15 @@ def loaded(checkpoint):
 def reuse_loaded_model(monkeypatch, checkpoint, loaded):
     """Every ``main`` in this module gets the module's loaded model (with its own options)
     instead of reading the 80 MB checkpoint again: ~3 s saved per call on a 2-core machine."""
-    real = predict.load_model
+    real = session_mod.load_session
 
     def cached(path, *, device="auto", dtype="auto", attn="auto", **options):
         if Path(path) != checkpoint or device != "cpu":
             return real(path, device=device, dtype=dtype, attn=attn, **options)
         return dataclasses.replace(loaded, **options)
 
-    monkeypatch.setattr(predict, "load_model", cached)
+    monkeypatch.setattr(predict, "load_session", cached)      # predict's own reference
+    monkeypatch.setattr(session_mod, "load_session", cached)  # infer and the judge import it lazily
 
 
 def _lines(path):
@@ -75,7 +77,7 @@ def test_predict_charades_resumes_and_records_failures(checkpoint, tmp_path, cap
     assert recs[2]["vid"] == "nothere" and "file not found" in recs[2]["error"]
 
     # The second query reused the first one's visual features: same text as a fresh run.
-    session = predict.load_model(checkpoint, device="cpu", nframes=2, max_pixels=3136, max_new_tokens=6)
+    session = predict.load_session(checkpoint, device="cpu", nframes=2, max_pixels=3136, max_new_tokens=6)
     item = charades_items(ann, VideoFinder(VIDEOS))[1]
     fresh, _ = predict_charades(session, session.decode(item.video), item, None)
     assert fresh == recs[1]

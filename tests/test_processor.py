@@ -8,7 +8,7 @@ import torch
 
 from visioncoach import processor as P
 from visioncoach.data.decode import decode
-from visioncoach.prompts import user_text
+from visioncoach.templates import user_text
 
 CUP = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "cup.mp4"
 MIN_PIX, MAX_PIX = 3136, 16 * 28 * 28

@@ -10,11 +10,12 @@ import torch
 
 from visioncoach import processor as P
 from visioncoach.data.decode import decode
-from visioncoach.prompts import user_text
+from visioncoach.templates import user_text
 from visioncoach.rollout import (
-    CallCounter, completion_hidden_states, completion_logprobs, encode_vision, generate_group,
-    prompt_embeds, sample_tokens, top_p_mask,
+    completion_hidden_states, completion_logprobs, encode_vision, generate_group, prompt_embeds,
+    sample_tokens, top_p_mask,
 )
+from visioncoach.utils.profiling import CallCounter
 
 CUP = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "cup.mp4"
 MIN_PIX, MAX_PIX = 3136, 16 * 28 * 28

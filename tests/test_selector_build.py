@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from visioncoach.config import VP_TYPES
+from visioncoach.vp import vp_types
+
+VP_TYPES = vp_types()
 from visioncoach.data import synthetic
 from visioncoach.data.stgr import load_stgr
 from visioncoach.selector.build import BuildOptions, read_done, run_build
 from visioncoach.selector.frames import contact_sheet, resolve_vp_types
-from visioncoach.selector.prompts import key_object_prompt, option_letters, proxy_reasoner_prompt
+from visioncoach.selector.templates import key_object_prompt, option_letters, proxy_reasoner_prompt
 from visioncoach.selector.reasoners import ReasonerRequest, ReasonerUnavailable
 from visioncoach.selector.scoring import (SIM_JACCARD_MAX, SIM_SUBSTRING, derive_label,
                                           object_similarity, parse_key_objects, score_reply)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from visioncoach.data import synthetic
-from visioncoach.selector import LabelMapper, SELECTOR_LABELS, Selector, SelectorInput, map_label
+from visioncoach.selector import LabelMapper, Selector, SelectorInput, map_label, selector_labels
+
+SELECTOR_LABELS = selector_labels()
 from visioncoach.selector.frames import key_frames_at
 
 # The label is determined by the question (the video is irrelevant): one template per label.

@@ -104,3 +104,60 @@ def test_default_command_runs_every_component(tmp_path):
     for stage in ("sft", "rl"):
         kept = [p.name for p in (tmp_path / "run" / "checkpoints" / stage).glob("step-*")]
         assert 1 <= len(kept) <= 2, kept
+
+
+STAND_IN = '''
+import torch
+
+CALLS = []
+
+
+def reward(texts, records, cfg, progress=0.0):
+    CALLS.append(len(texts))
+    n = len(texts)
+    out = {"accuracy": torch.full((n,), 0.25), "format": torch.ones(n), "temporal": torch.zeros(n),
+           "spatial": torch.full((n,), 0.5)}
+    out["total"] = out["accuracy"] + out["format"] + out["temporal"] + out["spatial"]
+    return out
+
+
+def incomplete(texts, records, cfg, progress=0.0):
+    return {"total": torch.zeros(len(texts))}
+'''
+
+
+def _rl_args(tmp_path, fn):
+    return ["--stage=rl", "--optim.rl_steps=1", "--rollout.max_new_tokens=4", "--rollout.num_generations=2",
+            "--data.synthetic_samples=2", "--data.num_workers=0", "--data.nframes=2",
+            f"--output_dir={tmp_path / 'run'}", "--log.progress=false", "--vp.selector=none",
+            f"--reward.fn={fn}"]
+
+
+def test_reward_fn_from_the_config_is_what_training_scores_with(tmp_path, monkeypatch, capsys):
+    (tmp_path / "stand_in_reward.py").write_text(STAND_IN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("VISIONCOACH_CACHE", str(tmp_path / "cache"))
+    import stand_in_reward
+
+    assert train.main(_rl_args(tmp_path, "stand_in_reward:reward")) == 0
+    assert stand_in_reward.CALLS == [2]                       # one batched call: 1 prompt x G = 2
+    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (m["reward_total"], m["reward_accuracy"], m["reward_spatial"]) == (1.75, 0.25, 0.5)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rl"]["reward"]["format"] == {"first": 1.0, "last": 1.0}
+
+    # A function that breaks the contract is named, with the config key.
+    with pytest.raises(ValueError, match=r"reward\.fn.*stand_in_reward:incomplete.*returned no"):
+        train.main(_rl_args(tmp_path / "b", "stand_in_reward:incomplete"))
+
+
+@pytest.mark.parametrize("fn, why", [("no_such_module_x:score", "cannot import"),
+                                     ("visioncoach.rewards:no_such_fn", "has no 'no_such_fn'"),
+                                     ("score", "dotted path")])
+def test_a_bad_reward_fn_is_a_config_error_before_any_model(fn, why, monkeypatch, capsys):
+    import visioncoach.models.policy as policy
+
+    monkeypatch.setattr(policy, "build_policy", lambda *a, **k: pytest.fail("model built"))
+    assert train.main([f"--reward.fn={fn}"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "'reward.fn'" in err and why in err

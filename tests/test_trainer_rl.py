@@ -13,15 +13,16 @@ from visioncoach.config import load_config
 from visioncoach.data.stgr import load_stgr
 from visioncoach.data.synthetic import generate
 from visioncoach.kernels.gspo_sd_loss import gspo_sd_loss_reference
-from visioncoach.kernels.vp_render import render_vp_reference
 from visioncoach.models.tiny import build_tiny_model
 from visioncoach.processor import build_inputs, resize_frames
-from visioncoach.prompts import user_text
-from visioncoach.rewards import RewardConfig
-from visioncoach.rollout.engine import sample_tokens
+from visioncoach.rewards.records import RewardTargets
+from visioncoach.templates import user_text
+from visioncoach.rollout.sampling import sample_tokens
+from visioncoach import algorithm
 from visioncoach.trainer import rl
 from visioncoach.utils.dist import DistInfo
-from visioncoach.vp.hints import add_hint
+from visioncoach.vp import add_hint, render_vp_reference
+from visioncoach.vp.prompting import key_frame_prompt
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 
@@ -57,32 +58,32 @@ def fake_reward(texts, records, cfg, progress=0.0):
 def test_group_advantages_use_the_unbiased_std():
     r = torch.tensor([0.0, 1.0, 3.0, 4.0])
     expected = (r - 2.0) / (statistics.stdev(r.tolist()) + 1e-4)
-    torch.testing.assert_close(rl.group_advantages(r), expected)
-    assert torch.equal(rl.group_advantages(torch.full((4,), 2.5)), torch.zeros(4))
-    assert torch.equal(rl.group_advantages(torch.tensor([3.0])), torch.zeros(1))
+    torch.testing.assert_close(algorithm.group_advantages(r), expected)
+    assert torch.equal(algorithm.group_advantages(torch.full((4,), 2.5)), torch.zeros(4))
+    assert torch.equal(algorithm.group_advantages(torch.tensor([3.0])), torch.zeros(1))
 
 
 @pytest.mark.parametrize("k", [0, 25, 50, 60, 75, 100])
 def test_percentile_bar_is_numpys(k):
     hist = [0.3, 2.0, 1.1, 4.0, 0.0, 2.5, 1.7]
-    assert rl.hard_threshold("percentile", k, hist) == pytest.approx(np.percentile(hist, k))
-    assert rl.hard_threshold("absolute", 2.21, hist) == 2.21
+    assert algorithm.hard_threshold("percentile", k, hist) == pytest.approx(np.percentile(hist, k))
+    assert algorithm.hard_threshold("absolute", 2.21, hist) == 2.21
 
 
 def test_candidates_exceed_the_raw_mean_and_top_n_is_by_answer_reward():
     prompted = {"total": torch.tensor([2.0, 3.0, 1.0, 3.5, 2.5]),
                 "accuracy": torch.tensor([0.2, 0.5, 1.0, 0.5, 0.9])}
-    cand, chosen = rl.select_distill(2.0, prompted, top_n=2)
+    cand, chosen = algorithm.select_distill(2.0, prompted, top_n=2)
     assert cand == [1, 3, 4]                 # strictly greater than the raw mean
     assert chosen == [1, 4]                  # acc 0.9, then the tie 0.5/0.5 to the earlier one
-    assert rl.select_distill(5.0, prompted, 2) == ([], [])
+    assert algorithm.select_distill(5.0, prompted, 2) == ([], [])
 
 
 def test_vp_chooser_modes():
     from visioncoach.config import VPConfig
 
-    chooser = lambda sel: rl.VPChooser(VPConfig(selector=sel), seed=0, rank=0,  # noqa: E731
-                                       device=torch.device("cpu"), has_heatmap=False)
+    chooser = lambda sel: rl.build_chooser(VPConfig(selector=sel), seed=0, rank=0,  # noqa: E731
+                                           device=torch.device("cpu"), have_heatmaps=False)
     avg = {"temporal": 0.5, "spatial": 0.5}
     raw = [{"temporal": 0.1, "spatial": 0.4}, {"temporal": 0.45, "spatial": 0.2},
            {"temporal": 0.9, "spatial": 0.9}, {"temporal": 0.5, "spatial": 0.5}]
@@ -102,10 +103,10 @@ def test_vp_chooser_modes():
 def test_key_frame_prompt_renders_only_key_frames(dataset):
     from visioncoach.data.loader import ClipDataset
 
-    clips = ClipDataset(dataset, nframes=3, backend="pyav", pixels=(3136, 12544))
+    clips = ClipDataset(dataset, nframes=3, backend="pyav", targets=RewardTargets((3136, 12544)))
     s = next(c for c in (clips[i] for i in range(len(clips))) if c.reward_record.frames and c.is_key.any())
     frames = resize_frames(s.frames, 3136, 12544)
-    out = rl.key_frame_prompt(frames, s.times, s.is_key, s.reward_record, "darken", darken_factor=0.3)
+    out = key_frame_prompt(frames, s.times, s.is_key, s.reward_record, "darken", darken_factor=0.3)
     key = s.is_key.nonzero().flatten()
     assert torch.equal(out[~s.is_key], frames[~s.is_key])
     assert not torch.equal(out[key], frames[key])
@@ -117,10 +118,10 @@ def test_key_frame_prompt_renders_only_key_frames(dataset):
                  for bs in s.record["key_items"][str(kf["idx"])].values() for b in bs]
         ref = render_vp_reference(frames[k:k + 1], "darken", boxes=torch.tensor([boxes]), darken_factor=0.3)
         assert torch.equal(out[k:k + 1], ref)
-    numbered = rl.key_frame_prompt(frames, s.times, s.is_key, s.reward_record, "numpro", darken_factor=0.3)
+    numbered = key_frame_prompt(frames, s.times, s.is_key, s.reward_record, "numpro", darken_factor=0.3)
     assert torch.equal(numbered[key], render_vp_reference(frames[key], "numpro", frame_index=key + 1))
     no_key = torch.zeros_like(s.is_key)
-    assert rl.key_frame_prompt(frames, s.times, no_key, s.reward_record, "darken", darken_factor=0.3) is None
+    assert key_frame_prompt(frames, s.times, no_key, s.reward_record, "darken", darken_factor=0.3) is None
 
 
 # ----------------------------------------------------------------------------- reference step
@@ -287,7 +288,7 @@ def test_one_rl_step_equals_the_reference_implementation(dataset, tokenizer, tmp
     runner = rl.RLRunner(cfg, CPU, model, tokenizer, dataset, tmp_path, ref_model=ref_model,
                          reward_fn=fake_reward)
     samples = [runner.clips[i] for i in range(3)]
-    results, _ = runner.collect(samples, progress=0.0)
+    results = runner.collect(samples, progress=0.0)
     groups, adv, gw, sw = runner.loss_rows(results)
     ref_lp = runner.reference_logprobs(groups)
     loss, stats, mask = runner.loss(groups, adv, gw, sw, None, ref_lp)
@@ -354,7 +355,8 @@ def test_rl_resume_continues_exactly(dataset, tokenizer, tmp_path):
     resumed = rl.RLRunner(cfg, CPU, other, tokenizer, dataset, tmp_path / "b", reward_fn=fake_reward,
                           ref_model=copy.deepcopy(peaked_model()))
     assert resumed.maybe_resume("auto") and resumed.step == 2
-    assert resumed.mean_history == first.mean_history and len(resumed.mean_history) == 4
+    assert resumed.stats.mean_history == first.stats.mean_history and len(resumed.stats.mean_history) == 4
+    assert resumed.stats.component_sums == first.stats.component_sums
     resumed.run()
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
@@ -376,7 +378,7 @@ def test_lora_trains_adapters_only_and_the_reference_is_the_base(dataset, tokeni
     assert changed and changed <= trainable
     assert history[-1]["kl_mean"] > 0                      # the adapters moved away from the base
     # The reference log-probs are the base model's (adapters disabled).
-    results, _ = runner.collect([runner.clips[0]], progress=0.0)
+    results = runner.collect([runner.clips[0]], progress=0.0)
     groups, *_ = runner.loss_rows(results)
     ref = runner.reference_logprobs(groups)
     base = peaked_model()
@@ -400,7 +402,7 @@ def test_model_selector_gets_question_key_frames_and_objects(dataset, monkeypatc
 
     seen = {}
 
-    class FakeSelector:
+    class FakeSelector(selector_pkg.Selector):
         def __init__(self, path, device):
             seen["init"] = (path, device)
 
@@ -409,10 +411,10 @@ def test_model_selector_gets_question_key_frames_and_objects(dataset, monkeypatc
             return ["darken", "api_prompt", "raw"][:len(batch)]
 
     monkeypatch.setattr(selector_pkg, "Selector", FakeSelector)
-    chooser = rl.VPChooser(VPConfig(selector="model", selector_path="/sel"), seed=0, rank=0,
-                           device=torch.device("cpu"), has_heatmap=False)
+    chooser = rl.build_chooser(VPConfig(selector="model", selector_path="/sel"), seed=0, rank=0,
+                               device=torch.device("cpu"), have_heatmaps=False)
     assert seen["init"] == ("/sel", torch.device("cpu"))
-    clips = ClipDataset(dataset, nframes=3, backend="pyav", pixels=(3136, 12544))
+    clips = ClipDataset(dataset, nframes=3, backend="pyav", targets=RewardTargets((3136, 12544)))
     samples = [clips[i] for i in range(3)]
     types = chooser.choose(0, samples, [{}] * 3, {})
     assert types == ["darken", "raw", "raw"]           # api_prompt cannot render without CLIP
@@ -420,3 +422,18 @@ def test_model_selector_gets_question_key_frames_and_objects(dataset, monkeypatc
     assert first.question == samples[0].record["question"]
     assert torch.equal(first.frames, samples[0].frames[samples[0].is_key])
     assert set(first.key_objects) == {n for f in samples[0].reward_record.frames for n in f.names} != set()
+
+
+def test_loss_row_weights_are_eq2_averaged_over_the_batch():
+    gw, sw = algorithm.loss_row_weights(2, 4, [0, 2], alpha=0.1)
+    assert gw.tolist() == [0.125] * 8 + [0.0, 0.0]
+    assert torch.allclose(sw, torch.tensor([0.0] * 8 + [0.025, 0.025]))
+    gw, sw = algorithm.loss_row_weights(1, 2, [3], alpha=1.0)
+    assert gw.tolist() == [0.5, 0.5, 0, 0, 0] and torch.allclose(sw, torch.tensor([0, 0, 1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_gating_rule_takes_the_larger_shortfall():
+    avg = {"temporal": 0.5, "spatial": 0.5}
+    assert algorithm.gating_choice({"temporal": 0.1, "spatial": 0.4}, avg) == "numpro"
+    assert algorithm.gating_choice({"temporal": 0.45, "spatial": 0.2}, avg) == "darken"
+    assert algorithm.gating_choice({"temporal": 0.5, "spatial": 0.5}, avg) == "darken"      # tie

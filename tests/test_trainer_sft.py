@@ -11,8 +11,9 @@ from visioncoach.data.stgr import load_stgr
 from visioncoach.data.synthetic import generate
 from visioncoach.models.tiny import build_tiny_model
 from visioncoach.trainer import checkpoint as ckpt_mod
-from visioncoach.trainer import loop as loop_mod
-from visioncoach.trainer.sft import build_sft_example, target_logprobs
+from visioncoach.trainer import harness
+from visioncoach.trainer import sft as sft_mod
+from visioncoach.trainer.sft import SFTRunner, build_sft_example, target_logprobs
 from visioncoach.utils.dist import DistInfo
 
 
@@ -31,7 +32,7 @@ def _runner(cfg, dataset, tokenizer, out_dir, seed=0):
     torch.manual_seed(seed)
     model = build_tiny_model(seed=seed)
     info = DistInfo(0, 1, 0, torch.device("cpu"), None)
-    return loop_mod.SFTRunner(cfg, info, model, tokenizer, dataset, out_dir)
+    return SFTRunner(cfg, info, model, tokenizer, dataset, out_dir)
 
 
 def test_fused_target_logprobs_equal_plain_logits(dataset, tokenizer):
@@ -108,9 +109,9 @@ def test_non_finite_steps_are_skipped_then_stop(dataset, tokenizer, tmp_path, mo
     r = _runner(_cfg(**{"optim.max_nonfinite_steps": 2, "log.checkpoint_every": 100}), dataset,
                 tokenizer, tmp_path)
     before = [p.detach().clone() for p in r.model.parameters()]
-    monkeypatch.setattr(loop_mod, "sft_loss", lambda model, ex: (
+    monkeypatch.setattr(sft_mod, "sft_loss", lambda model, ex: (
         sum(p.sum() for p in model.parameters()) * float("nan"), 1))
-    with pytest.raises(loop_mod.NonFiniteError, match="optim.max_nonfinite_steps"):
+    with pytest.raises(harness.NonFiniteError, match="optim.max_nonfinite_steps"):
         r.run()
     assert all(torch.equal(a, b) for a, b in zip(before, r.model.parameters()))
     assert not (tmp_path / "checkpoints" / "sft").exists()  # never a NaN checkpoint

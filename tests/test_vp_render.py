@@ -1,4 +1,5 @@
-"""Visual-prompt rendering (kernels/vp_render.py), hints and CLIP relevance maps (visioncoach.vp).
+"""Visual-prompt rendering (the kernels/vp_*.py ops through visioncoach.vp's table), hints and
+CLIP relevance maps (visioncoach.vp).
 
 Kernels run through the Triton interpreter on CPU (conftest sets TRITON_INTERPRET=1), so the
 frames are small; the real-size comparison is the ``gpu`` test.
@@ -11,11 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visioncoach.kernels import vp_render as vpr
-from visioncoach.kernels.vp_render import (DIGIT_GLYPHS, VP_TYPES, default_digit_scale,
-                                           default_pad, default_thickness, render_vp,
-                                           render_vp_reference)
-from visioncoach.vp import VP_HINTS, add_hint
+from visioncoach.kernels import vp_heatmap
+from visioncoach.kernels.vp_circle import default_thickness
+from visioncoach.kernels.vp_darken import default_pad
+from visioncoach.kernels.vp_frame_number import DIGIT_GLYPHS, default_digit_scale
+from visioncoach.vp import add_hint, render_vp, render_vp_reference
+from visioncoach.vp.spec import vp_spec
+
+VP_TYPES = ("api_prompt", "circle", "darken", "numpro", "raw")   # the paper's pool
+VP_HINTS = {t: vp_spec(t).hint for t in VP_TYPES}
 
 H, W = 40, 56
 RED = torch.tensor([255, 0, 0], dtype=torch.uint8)
@@ -255,7 +260,7 @@ def test_api_prompt_semantics():
     # the in-kernel upsampling is F.interpolate's bilinear, align_corners=False
     hm = torch.rand(2, 5, 7, generator=torch.Generator().manual_seed(0))
     for (h, w) in ((40, 56), (13, 9), (5, 7)):
-        up = vpr._upsample_heatmap_reference(hm, h, w)
+        up = vp_heatmap._upsample_heatmap_reference(hm, h, w)
         want = F.interpolate(hm[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
         torch.testing.assert_close(up, want, atol=1e-5, rtol=0)
 
@@ -279,9 +284,10 @@ def test_opcheck():
 
 
 def test_hints_table():
-    from visioncoach.config import VP_TYPES as CONFIG_TYPES
+    from visioncoach.config import VPConfig
+    from visioncoach.vp import vp_types
 
-    assert set(VP_HINTS) == set(VP_TYPES) == set(CONFIG_TYPES)
+    assert set(VP_TYPES) == set(vp_types()) == set(VPConfig().types)
     assert VP_HINTS["raw"] == ""
     assert all(VP_HINTS[t] for t in VP_TYPES if t != "raw")
     assert len(set(VP_HINTS.values())) == len(VP_HINTS)

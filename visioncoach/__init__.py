@@ -1,8 +1,10 @@
 """VisionCoach: visual-prompt-guided GSPO training of Qwen2.5-VL for grounded video reasoning.
 
-Data flow (one folder or module per stage): decode -> VP render -> processor -> rollout ->
-reward -> loss -> step. Triton kernels live in ``visioncoach.kernels`` (source folder
-``kernels/`` of the checkout), native ops in ``visioncoach.ops``.
+Data flow, one home per stage: decode (``data``) -> VP render (``vp``) -> model inputs
+(``processor``) -> rollout (``rollout``) -> reward (``rewards``) -> loss (``algorithm`` and the
+fused ``kernels.gspo_sd_loss``) -> step (``trainer``); ``train`` wires them. Triton kernels live
+in ``visioncoach.kernels`` (source folder ``kernels/`` of the checkout), native ops in
+``visioncoach.ops``.
 """
 
 import os as _os

@@ -11,22 +11,25 @@ dataclasses before anything is built; errors name the key and where it came from
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
 
 import yaml
 
+from visioncoach.utils import typed_config
+from visioncoach.utils.typed_config import ConfigError, apply_yaml, load_yaml  # noqa: F401 (public API)
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
-VP_TYPES = ("api_prompt", "circle", "darken", "numpro", "raw")
 
 
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the key and its source."""
+def _vp_types() -> list[str]:
+    # The visual-prompt table (``visioncoach.vp.spec``) pulls in the kernels: read only when a
+    # VPConfig is made or checked, so importing the config stays cheap.
+    from visioncoach.vp.spec import vp_types
+
+    return list(vp_types())
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,6 +118,8 @@ class RewardConfig:
     # `object_aware` (eq. 8), or the ablations `max` (eq. 13) and `avg` (eq. 14).
     spatial_mode: Literal["object_aware", "max", "avg"] = "object_aware"
     identity: Literal["soft", "exact", "none"] = "soft"
+    # The reward function, "package.module:function" (its contract: visioncoach.rewards.components).
+    fn: str = "visioncoach.rewards:score"
 
 
 @dataclass
@@ -142,7 +147,8 @@ class VPConfig:
     hard_threshold: float = 2.21
     # Distill the top-N improved prompted rollouts, ranked by answer reward (paper: 2).
     top_n: int = 2
-    types: list[str] = field(default_factory=lambda: list(VP_TYPES))
+    # Default: every type of the visual-prompt table (the paper's pool V).
+    types: list[str] = field(default_factory=_vp_types)
     darken_factor: float = 0.3
     # Local CLIP checkpoint for `api_prompt` heatmaps (nothing is downloaded).
     clip_path: str = ""
@@ -221,6 +227,9 @@ def _validate(cfg: Config) -> None:
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {cfg.rollout.top_p}")
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    fn_module, _, fn_attr = cfg.reward.fn.replace(":", ".").rpartition(".")
+    need(bool(fn_module) and fn_attr.isidentifier(), "reward.fn",
+         f"must be a dotted path package.module:function, got {cfg.reward.fn!r}")
     need(cfg.reward.sigma is None or cfg.reward.sigma > 0, "reward.sigma", "must be > 0 or null")
     need(cfg.reward.tau >= 0, "reward.tau", "must be >= 0")
     need(cfg.loss.eps_low >= 0 and cfg.loss.eps_high >= 0, "loss.eps_low", "clip range must be >= 0")
@@ -228,19 +237,20 @@ def _validate(cfg: Config) -> None:
     need(cfg.loss.beta >= 0, "loss.beta", "must be >= 0")
     need(cfg.loss.sd_alpha >= 0, "loss.sd_alpha", "must be >= 0")
     need(cfg.loss.updates_per_rollout >= 1, "loss.updates_per_rollout", "must be >= 1")
+    from visioncoach.vp.spec import clip_required, selector_mode_ok, vp_spec, vp_types
+
     sel = cfg.vp.selector
-    ok_sel = sel in ("model", "gating", "random", "none") or (
-        sel.startswith("fixed:") and sel[len("fixed:"):] in VP_TYPES)
-    need(ok_sel, "vp.selector", f"must be model, gating, random, none or fixed:<{'|'.join(VP_TYPES)}>, "
-         f"got {sel!r}")
+    need(selector_mode_ok(sel), "vp.selector",
+         f"must be model, gating, random, none or fixed:<{'|'.join(vp_types())}>, got {sel!r}")
     if cfg.stage in ("rl", "sft+rl"):
         need(sel != "model" or bool(cfg.vp.selector_path), "vp.selector_path",
              "is required when vp.selector is 'model' (train one with `python -m "
              "visioncoach.selector.train`, or pick gating, random, fixed:<type> or none)")
-        need(sel != "fixed:api_prompt" or bool(cfg.vp.clip_path), "vp.clip_path",
-             "is required for vp.selector fixed:api_prompt (a local CLIP checkpoint for the heatmap)")
-    bad = [t for t in cfg.vp.types if t not in VP_TYPES]
-    need(not bad, "vp.types", f"unknown visual prompt type(s) {bad}; known: {list(VP_TYPES)}")
+        fixed = sel[len("fixed:"):] if sel.startswith("fixed:") else None
+        need(fixed is None or not vp_spec(fixed).needs_clip or bool(cfg.vp.clip_path), "vp.clip_path",
+             f"is required for vp.selector {sel}: " + clip_required(str(fixed), "vp.clip_path"))
+    bad = [t for t in cfg.vp.types if t not in vp_types()]
+    need(not bad, "vp.types", f"unknown visual prompt type(s) {bad}; known: {list(vp_types())}")
     need(cfg.vp.top_n >= 1, "vp.top_n", "must be >= 1")
     if cfg.vp.hard_mode == "percentile":
         need(0 <= cfg.vp.hard_threshold <= 100, "vp.hard_threshold",
@@ -265,196 +275,6 @@ def _validate(cfg: Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Typed assignment
-# ---------------------------------------------------------------------------------------
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
-    """Value converted to ``tp``; raises TypeError/ValueError with a short reason."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if type(None) in args and (value is None or (from_cli and str(value).lower() in ("null", "none"))):
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, from_cli)
-            except (TypeError, ValueError):
-                pass
-        raise TypeError(f"expected {_type_name(tp)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if from_cli and isinstance(value, str):
-            text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else (
-                [v.strip() for v in text.split(",")] if text else [])
-            if not isinstance(value, list):
-                raise TypeError(f"expected {_type_name(tp)}")
-            from_items_cli = not text.startswith("[")
-        else:
-            from_items_cli = False
-        if not isinstance(value, list):
-            raise TypeError(f"expected {_type_name(tp)}")
-        return [_coerce(v, item, from_items_cli) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if from_cli and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise TypeError("expected true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_cli and isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise TypeError("expected an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads 1e-6 (no dot) as a string; accept plain numbers written that way.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise TypeError("expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError("expected a string (quote it in YAML)")
-    raise TypeError(f"unsupported field type {tp!r}")
-
-
-def _fields(obj: Any) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(obj)}
-
-
-def _hints(obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj))
-
-
-def _all_keys(obj: Any, prefix: str = "") -> list[str]:
-    out = []
-    for name in _fields(obj):
-        value = getattr(obj, name)
-        key = prefix + name
-        out.append(key)
-        if dataclasses.is_dataclass(value):
-            out += _all_keys(value, key + ".")
-    return out
-
-
-def _unknown(cfg: Config, key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(cfg), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r} ({where}){hint}")
-
-
-def set_value(cfg: Config, key: str, value: Any, where: str, from_cli: bool = False) -> None:
-    """Assign ``value`` to the dotted ``key`` of ``cfg`` after checking key and type."""
-    parts = key.split(".")
-    obj = cfg
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(obj) or part not in _fields(obj):
-            raise _unknown(cfg, key, where)
-        if i < len(parts) - 1:
-            obj = getattr(obj, part)
-    name = parts[-1]
-    current = getattr(obj, name)
-    if dataclasses.is_dataclass(current):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} ({where}) is a section; give its keys "
-                              f"({', '.join(_fields(current))}), not a value")
-        for sub, sub_value in value.items():
-            set_value(cfg, f"{key}.{sub}", sub_value, where, from_cli)
-        return
-    tp = _hints(obj)[name]
-    try:
-        setattr(obj, name, _coerce(value, tp, from_cli))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config key {key!r} ({where}): {exc}, got {value!r} "
-                          f"(type {_type_name(tp)})") from None
-
-
-# ---------------------------------------------------------------------------------------
-# YAML with line numbers
-# ---------------------------------------------------------------------------------------
-
-def _yaml_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = f"{prefix}{k.value}"
-            out[key] = k.start_mark.line + 1
-            _yaml_lines(v, key + ".", out)
-
-
-def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
-    """Mapping from a YAML config file and the line of each (dotted) key."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    lines: dict[str, int] = {}
-    _yaml_lines(root, "", lines)
-    return data, lines
-
-
-def apply_yaml(cfg: Config, path: str | Path) -> None:
-    data, lines = load_yaml(path)
-
-    def walk(mapping: dict, prefix: str) -> None:
-        for k, v in mapping.items():
-            key = f"{prefix}{k}"
-            where = f"{path}:{lines.get(key, '?')}"
-            parts = key.split(".")
-            obj = cfg
-            for part in parts[:-1]:
-                obj = getattr(obj, part)
-            if not dataclasses.is_dataclass(obj) or str(k) not in _fields(obj):
-                raise _unknown(cfg, key, where)
-            if dataclasses.is_dataclass(getattr(obj, str(k))) and isinstance(v, dict):
-                walk(v, key + ".")
-            else:
-                set_value(cfg, key, v, where)
-
-    walk(data, "")
-
-
-# ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
 
@@ -472,39 +292,8 @@ sections: {sections}
 
 def parse_args(argv: list[str]) -> tuple[Optional[str], list[tuple[str, str, str]], bool]:
     """(config file, [(key, raw value, source)], print_config). Raises ConfigError."""
-    config_file = None
-    overrides: list[tuple[str, str, str]] = []
-    print_config = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            raise SystemExit(USAGE.format(default=DEFAULT_CONFIG,
-                                          sections=", ".join(_fields(Config()))))
-        if arg == "--print-config":
-            print_config = True
-            i += 1
-            continue
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected command-line argument {arg!r} (argument {i + 1}); "
-                              "overrides look like --section.key=value")
-        body = arg[2:]
-        if "=" in body:
-            key, value = body.split("=", 1)
-            source = f"command-line argument {arg!r}"
-        else:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError(f"command-line argument {arg!r} has no value "
-                                  f"(use --{body}=VALUE)")
-            key, value = body, argv[i + 1]
-            source = f"command-line arguments {arg!r} {value!r}"
-            i += 1
-        if key == "config":
-            config_file = value
-        else:
-            overrides.append((key, value, source))
-        i += 1
-    return config_file, overrides, print_config
+    return typed_config.parse_args(argv, USAGE.format(default=DEFAULT_CONFIG,
+                                                      sections=", ".join(f.name for f in dataclasses.fields(Config))))
 
 
 def load_config(argv: Optional[list[str]] = None, *, config_file: Optional[str | Path] = None) -> Config:
@@ -514,7 +303,7 @@ def load_config(argv: Optional[list[str]] = None, *, config_file: Optional[str |
     cfg = Config()
     apply_yaml(cfg, cli_file or config_file or DEFAULT_CONFIG)
     for key, value, source in overrides:
-        set_value(cfg, key, value, source, from_cli=True)
+        typed_config.set_value(cfg, key, value, source, from_cli=True)
     _validate(cfg)
     return cfg
 

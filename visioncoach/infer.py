@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from visioncoach.grounding import Claim, normalize_name, parse
-from visioncoach.prompts import ANSWER_FORMAT, user_text
+from visioncoach.templates import ANSWER_FORMAT, user_text
 
 __all__ = ["Tile", "ContactSheet", "PALETTE", "nearest_frame", "draw_contact_sheet", "write_grounding", "main"]
 
@@ -171,11 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from visioncoach.data.decode import DecodeError
-    from visioncoach.predict import load_model
+    from visioncoach.rollout.session import load_session
 
     args = build_parser().parse_args(argv)
     try:
-        session = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn,
+        session = load_session(args.model, device=args.device, dtype=args.dtype, attn=args.attn,
                              nframes=args.nframes, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                              layout=args.layout, max_new_tokens=args.max_new_tokens, decoder=args.decoder)
         clip = session.decode(args.video)

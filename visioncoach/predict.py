@@ -2,7 +2,7 @@
 --model PATH --videos DIR --ann FILE --out PRED.jsonl``.
 
 The paper's single inference pathway (section 4): uniform frames of the raw video (no visual
-prompt), the training prompt template (``visioncoach.prompts``), greedy decoding through our
+prompt), the training prompt template (``visioncoach.templates``), greedy decoding through our
 rollout engine (``generate_group`` with G = 1). Writes one JSONL line per benchmark item, in
 the format ``python -m visioncoach.eval`` reads (see ``visioncoach.eval.charades``, ``.vstar``,
 ``.mcq``), each with the raw model text.
@@ -36,105 +36,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 
-from visioncoach.data.decode import DecodedClip, DecodeError, decode
+from visioncoach.data.decode import DecodedClip, DecodeError
 from visioncoach.eval import charades as charades_eval
 from visioncoach.eval import mcq as mcq_eval
 from visioncoach.eval import vstar as vstar_eval
 from visioncoach.eval.common import EvalInputError, answer_text
 from visioncoach.grounding import Claim, first_segment, option_letter, parse
-from visioncoach.processor import build_inputs
-from visioncoach.prompts import user_text
-from visioncoach.rollout.engine import VisionFeatures, generate_group
+from visioncoach.templates import user_text
+from visioncoach.rollout.prompt import VisionFeatures
+from visioncoach.rollout.session import Session, load_session
 
-__all__ = ["Session", "load_model", "VideoFinder", "Item", "charades_items", "vstar_items", "mcq_items",
+__all__ = ["VideoFinder", "Item", "charades_items", "vstar_items", "mcq_items",
            "predict_charades", "predict_vstar", "predict_mcq", "claim_boxes_by_second", "run", "main"]
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 BENCHES = ("charades", "vstar", "mcq")
-
-
-# ---------------------------------------------------------------------------------------
-# Model session
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class Session:
-    """A loaded policy with everything one greedy generation needs."""
-    model: torch.nn.Module
-    tokenizer: object
-    device: torch.device
-    nframes: int = 16
-    min_pixels: int = 3136
-    max_pixels: int = 100352
-    layout: str = "frames"
-    max_new_tokens: int = 768
-    decoder: str = "pyav"
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 151643
-
-    def decode(self, path: str | Path) -> DecodedClip:
-        return decode(path, nframes=self.nframes, backend=self.decoder)
-
-    def _complete(self, inputs, vision: VisionFeatures | None, max_new_tokens: int):
-        group = generate_group(self.model, inputs, 1, greedy=True, max_new_tokens=max_new_tokens,
-                               eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
-                               vision=vision)
-        n = int(group.lengths[0])
-        return self.tokenizer.decode(group.tokens[0, :n].tolist(), skip_special_tokens=True), group.vision
-
-    def generate(self, clip: DecodedClip, text: str, vision: VisionFeatures | None = None
-                 ) -> tuple[str, tuple[int, int], VisionFeatures]:
-        """Greedy answer to ``text`` (a ``prompts.user_text``) on the clip's frames.
-
-        Returns (output text, [W, H] of the frames the model saw (its boxes' pixel space),
-        the visual features to pass back for the next prompt on the same clip).
-        """
-        inputs = build_inputs(clip.frames.to(self.device), clip.times, clip.duration, text, self.tokenizer,
-                              layout=self.layout, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                              dtype=self.model.dtype)
-        out, vision = self._complete(inputs, vision, self.max_new_tokens)
-        return out, inputs.frame_size, vision
-
-    def generate_text(self, messages: list[dict], max_new_tokens: int) -> str:
-        """Greedy reply to a text-only chat (the local answer judge)."""
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        input_ids = torch.tensor([ids], dtype=torch.int64, device=self.device)
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        return self._complete(inputs, VisionFeatures(), max_new_tokens)[0]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", attn: str = "auto",
-               **options) -> Session:
-    """The policy of a local ``from_pretrained`` folder (model + processor) as a ``Session``;
-    ``options`` are ``Session`` fields (nframes, min_pixels, max_pixels, ...)."""
-    from visioncoach.config import DataConfig, ModelConfig
-    from visioncoach.models.policy import build_policy
-
-    if not str(path):
-        raise FileNotFoundError("--model must be a local checkpoint folder")
-    dev = resolve_device(device)
-    data = DataConfig(min_pixels=options.get("min_pixels", 3136), max_pixels=options.get("max_pixels", 100352))
-    model, processor, _ = build_policy(
-        ModelConfig(path=str(path), attn_implementation=attn, dtype=dtype, gradient_checkpointing=False),
-        data, dev)
-    model.eval()
-    tokenizer = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    eos += [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if t is not None]
-    pad = model.generation_config.pad_token_id
-    pad = pad if pad is not None else tokenizer.pad_token_id
-    return Session(model, tokenizer, dev, eos_token_ids=tuple(sorted(set(eos))), pad_token_id=pad, **options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(args.videos):
             raise EvalInputError(f"--videos {args.videos}: not a folder")
         items = make_items(args.ann, VideoFinder(args.videos))
-        session = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn,
+        session = load_session(args.model, device=args.device, dtype=args.dtype, attn=args.attn,
                              nframes=args.nframes, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                              layout=args.layout, max_new_tokens=args.max_new_tokens, decoder=args.decoder)
     except (EvalInputError, FileNotFoundError) as exc:

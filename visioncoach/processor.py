@@ -21,7 +21,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from visioncoach import ops
-from visioncoach.prompts import SYSTEM_PROMPT, format_time
+from visioncoach import templates
+from visioncoach.templates import SYSTEM_PROMPT, format_time
 
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 FACTOR = PATCH * MERGE
@@ -64,7 +65,7 @@ def build_inputs(frames: torch.Tensor, times: torch.Tensor, duration: float, use
     """Model inputs for one clip and question.
 
     frames: uint8 [F, H, W, 3] (any device); times: [F] seconds; user_text: question with hint
-    and answer format (``visioncoach.prompts.user_text``).
+    and answer format (``visioncoach.templates.user_text``).
     """
     if layout not in ("frames", "video"):
         raise ValueError(f"layout must be 'frames' or 'video', got {layout!r}")
@@ -127,3 +128,12 @@ def build_inputs(frames: torch.Tensor, times: torch.Tensor, duration: float, use
     tensors.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                    mm_token_type_ids=torch.tensor([types], dtype=torch.int64, device=frames.device))
     return ModelInputs(tensors, (w, h), sum(counts))
+
+
+def sample_inputs(sample, frames: torch.Tensor, question: str, tokenizer, data_cfg) -> ModelInputs:
+    """Model inputs of a decoded training sample (``data.loader.ClipSample``: its times,
+    duration and task) on ``frames`` (its frames, possibly resized or visually prompted) for
+    ``question``, with the task's answer format, in ``data_cfg``'s layout and pixel budget."""
+    return build_inputs(frames, sample.times, sample.duration, templates.user_text(question, sample.record["task"]),
+                        tokenizer, layout=data_cfg.layout, min_pixels=data_cfg.min_pixels,
+                        max_pixels=data_cfg.max_pixels)

@@ -5,8 +5,8 @@ bundled synthetic one is generated on first use) validated up front, the policy 
 processor, and a preflight that checks that every rank built identical weights and that the
 data path works end to end on this machine (the first sample is decoded, turned into model
 inputs and run forward and backward). Then the stages of ``stage``: the SFT cold start
-(``visioncoach.trainer.loop.SFTRunner``) and RL, VisionCoach Algorithm 1
-(``visioncoach.trainer.rl.RLRunner``).
+(``visioncoach.trainer.sft.SFTRunner``) and RL, VisionCoach Algorithm 1
+(``visioncoach.trainer.rl.RLRunner``) with the reward function of ``reward.fn``.
 
 With the synthetic dataset, a held-out synthetic set (another seed) is rolled out greedily
 before and after SFT: ``summary.json`` records its mean format reward, i.e. whether the cold
@@ -42,7 +42,7 @@ def _setup_logging(rank: int) -> None:
 
 def param_checksum(model: torch.nn.Module) -> torch.Tensor:
     """[2] float64: sum and sum of squares of all parameters (cheap cross-rank identity check)."""
-    from visioncoach.trainer.engine import full_parameters
+    from visioncoach.trainer.distributed import full_parameters
 
     s = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad(), full_parameters(model):   # ZeRO-3: gathered (collective)
@@ -81,6 +81,7 @@ def _heldout_set(cfg, dist_info):
         return None
     from visioncoach.data.loader import ClipDataset
     from visioncoach.data.stgr import load_stgr
+    from visioncoach.rewards.records import RewardTargets
     from visioncoach.data.synthetic import ensure_synthetic
 
     import torch.distributed as dist
@@ -92,40 +93,38 @@ def _heldout_set(cfg, dist_info):
         dist.barrier()
     data = load_stgr(ensure_synthetic(HELDOUT_SAMPLES, seed), sft=False)
     clips = ClipDataset(data, cfg.data.nframes, backend=cfg.data.decoder,
-                        pixels=(cfg.data.min_pixels, cfg.data.max_pixels))
+                        targets=RewardTargets((cfg.data.min_pixels, cfg.data.max_pixels)))
     return [c for c in (clips[i] for i in range(len(clips))) if hasattr(c, "frames")]
 
 
-def heldout_format_reward(model, tokenizer, samples, cfg) -> float:
+def heldout_format_reward(model, tokenizer, samples, cfg, reward_fn) -> float:
     """Mean format reward of greedy answers to ``samples`` (``ClipSample`` with reward records)."""
-    from visioncoach.processor import build_inputs
-    from visioncoach.prompts import user_text
-    from visioncoach.rewards import score
-    from visioncoach.rollout.engine import generate_group
+    from visioncoach.processor import sample_inputs
+    from visioncoach.rewards.components import FORMAT
+    from visioncoach.rollout.generate import generate_group
 
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     texts = []
     for s in samples:
-        inputs = build_inputs(s.frames.to(next(model.parameters()).device), s.times, s.duration,
-                              user_text(s.record["question"], s.record["task"]), tokenizer,
-                              layout=cfg.data.layout, min_pixels=cfg.data.min_pixels,
-                              max_pixels=cfg.data.max_pixels)
+        inputs = sample_inputs(s, s.frames.to(next(model.parameters()).device), s.record["question"],
+                               tokenizer, cfg.data)
         g = generate_group(model, inputs, 1, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True,
                            eos_token_ids=[e for e in eos if e is not None],
                            pad_token_id=tokenizer.pad_token_id)
         texts.append(tokenizer.decode(g.tokens[0, :int(g.lengths[0])].tolist(), skip_special_tokens=True))
-    return float(score(texts, [s.reward_record for s in samples], cfg.reward)["format"].mean())
+    return float(reward_fn(texts, [s.reward_record for s in samples], cfg.reward)[FORMAT].float().mean())
 
 
 def rl_summary(history: list[dict], steps: int) -> dict:
     """Mean reward per component over the first and the last fifth of the RL steps."""
+    from visioncoach.rewards.components import REWARD_KEYS
+
     rows = [m for m in history if "reward_total" in m]
     k = max(1, len(rows) // 5)
-    keys = ("accuracy", "format", "temporal", "spatial", "total")
     mean = lambda part, key: sum(m[f"reward_{key}"] for m in part) / max(1, len(part))  # noqa: E731
     return {"steps": steps, "window": k,
             "reward": {key: {"first": round(mean(rows[:k], key), 4), "last": round(mean(rows[-k:], key), 4)}
-                       for key in keys},
+                       for key in REWARD_KEYS},
             "hard_frac": round(sum(m["hard_frac"] for m in rows) / max(1, len(rows)), 4),
             "vp_counts": dict(sum((Counter(m.get("vp_counts", {})) for m in rows), Counter())),
             "vp_rollouts": sum(m.get("vp_rollouts", 0) for m in rows),
@@ -153,7 +152,7 @@ def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
 
     from visioncoach.data.decode import decode
     from visioncoach.processor import build_inputs
-    from visioncoach.prompts import user_text
+    from visioncoach.templates import user_text
 
     checksum = param_checksum(model)
     if dist_info.backend is not None:
@@ -193,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, _, print_config = config_lib.parse_args(argv)
         cfg = config_lib.load_config(argv)
-    except config_lib.ConfigError as exc:
+        if print_config:
+            print(config_lib.to_yaml(cfg), end="")
+            return 0
+        from visioncoach.rewards.components import load_reward_fn
+
+        reward_fn = load_reward_fn(cfg.reward.fn)
+    except (config_lib.ConfigError, ValueError) as exc:
         print(f"visioncoach.train: config error: {exc}", file=sys.stderr)
         return 2
-    if print_config:
-        print(config_lib.to_yaml(cfg), end="")
-        return 0
 
     from visioncoach.models.policy import build_policy
     from visioncoach.ops import native_info
@@ -226,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         heldout = _heldout_set(cfg, dist_info)
         rl_ckpt = cfg.log.resume and latest_checkpoint(out_dir / "checkpoints" / "rl") is not None
         if cfg.stage in ("sft", "sft+rl") and not rl_ckpt:
-            from visioncoach.trainer.loop import SFTRunner
+            from visioncoach.trainer.sft import SFTRunner
 
             if heldout is not None:
                 summary["heldout_format_before_sft"] = heldout_format_reward(model, processor.tokenizer,
-                                                                             heldout, cfg)
+                                                                             heldout, cfg, reward_fn)
             runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir)
             runner.maybe_resume(cfg.log.resume)
             history = [m for m in runner.run() if m["loss"] is not None]
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "loss_last": sum(m["loss"] for m in history[-k:]) / k}
             if heldout is not None:
                 summary["heldout_format_after_sft"] = heldout_format_reward(model, processor.tokenizer,
-                                                                            heldout, cfg)
+                                                                            heldout, cfg, reward_fn)
                 log.info("held-out format reward (%d synthetic samples, greedy): %.3f before SFT, "
                          "%.3f after", len(heldout), summary["heldout_format_before_sft"],
                          summary["heldout_format_after_sft"])
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                 load_weights(sft_ckpt, model)
 
             rl_data = dataset if cfg.stage == "rl" else prepare_dataset(cfg, dist_info, sft=False)
-            runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir)
+            runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir,
+                              reward_fn=reward_fn)
             runner.maybe_resume(cfg.log.resume)
             history = runner.run()
             summary["rl"] = rl_summary(history, runner.step)

@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .decode import DecodedClip, DecodeError, uniform_times
+from visioncoach.data.clip import DecodedClip, DecodeError, open_video, stream_start_and_header, uniform_times
 
 # Codecs each fn.decoders.video backend decodes (DALI 2.4 operator docs). The CPU list is
 # checked before running DALI, which otherwise only says "Failed to create video decoder".
@@ -63,6 +63,11 @@ def dali_available() -> bool:
     except Exception:  # ImportError, or a broken install failing on load
         return False
     return True
+
+
+def dali_gpu_available() -> bool:
+    """CUDA is usable and nvidia.dali imports: the condition for ``backend="auto"`` to use DALI."""
+    return torch.cuda.is_available() and dali_available()
 
 
 def _build_pipeline(device_id: int | None):
@@ -127,14 +132,8 @@ def _stream_index(path: Path, data: bytes, device_id: int | None):
     """
     import av
 
+    container, stream = open_video(io.BytesIO(data), path)
     try:
-        container = av.open(io.BytesIO(data))
-    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise DecodeError(path, f"not a readable container ({exc})") from None
-    try:
-        if not container.streams.video:
-            raise DecodeError(path, "no video stream")
-        stream = container.streams.video[0]
         # Canonical codec id name ("av1" even when PyAV's decoder is libdav1d).
         cc = stream.codec_context
         codec = getattr(cc.codec, "canonical_name", None) or cc.name
@@ -145,9 +144,7 @@ def _stream_index(path: Path, data: bytes, device_id: int | None):
                                     f"decoder (supported: {', '.join(sorted(allowed))}); "
                                     "use backend='pyav'")
         tb = stream.time_base
-        start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-        header = (float(stream.duration * tb) if stream.duration
-                  else (container.duration / 1e6 if container.duration else 0.0))
+        start, header = stream_start_and_header(container, stream)
         entries = []
         packets = container.demux(stream)
         while True:

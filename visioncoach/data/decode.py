@@ -11,39 +11,15 @@ header can cost accuracy in where the uniform grid falls, never a hang.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from visioncoach.data.clip import DecodedClip, DecodeError, open_video, stream_start_and_header, uniform_times
 
-class DecodeError(RuntimeError):
-    """A video that cannot be decoded; carries the path so a data loader can count and skip it."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot decode video {self.path}: {reason}")
-
-
-@dataclass
-class DecodedClip:
-    frames: torch.Tensor   # [F, H, W, 3] uint8 RGB
-    times: torch.Tensor    # [F] float64 seconds (presentation times of the decoded frames)
-    is_key: torch.Tensor   # [F] bool: frame was requested as an annotated key frame
-    duration: float        # seconds, from the decoded stream (not the header's claim)
-
-    def __len__(self) -> int:
-        return int(self.frames.shape[0])
-
-
-def uniform_times(duration: float, n: int) -> list[float]:
-    """Centres of n equal segments of [0, duration): no frame sits on the unreliable last pts."""
-    if n <= 0 or duration <= 0:
-        return []
-    return [duration * (i + 0.5) / n for i in range(n)]
+__all__ = ["DecodeError", "DecodedClip", "decode", "decode_pyav", "uniform_times"]
 
 
 def _frame_time(frame, time_base) -> float | None:
@@ -73,19 +49,10 @@ def decode_pyav(path: str | Path, nframes: int = 16, key_times: Sequence[float] 
     for kt in key_times:
         if not math.isfinite(kt) or kt < 0:
             raise DecodeError(path, f"key frame time {kt!r} is not a finite non-negative number")
+    container, stream = open_video(str(path), path)
     try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise DecodeError(path, f"not a readable container ({exc})") from None
-    try:
-        if not container.streams.video:
-            raise DecodeError(path, "no video stream")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        tb = stream.time_base
-        start = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-        header = (float(stream.duration * tb) if stream.duration
-                  else (container.duration / 1e6 if container.duration else 0.0))
+        start, header = stream_start_and_header(container, stream)
         # The header may lie (truncated files, wrong metadata); it only places the grid.
         duration = header if header > 0 else _probe_duration(container, stream, start)
         if duration <= 0:
@@ -209,15 +176,6 @@ def _decode_at(container, stream, targets: list[float], max_side: int | None):
     return out
 
 
-def _dali_gpu_available() -> bool:
-    """CUDA is usable and nvidia.dali imports: the condition for ``backend="auto"`` to use DALI."""
-    if not torch.cuda.is_available():
-        return False
-    from .dali import dali_available
-
-    return dali_available()
-
-
 def decode(path: str | Path, nframes: int = 16, key_times: Sequence[float] = (),
            backend: str = "auto", max_side: int | None = None) -> DecodedClip:
     """Frames of one video (see ``decode_pyav``); ``backend``: ``auto``, ``pyav`` or ``dali``.
@@ -231,8 +189,9 @@ def decode(path: str | Path, nframes: int = 16, key_times: Sequence[float] = (),
     """
     if backend not in ("auto", "pyav", "dali"):
         raise ValueError(f"decoder backend must be 'auto', 'pyav' or 'dali', got {backend!r}")
-    if backend == "dali" or (backend == "auto" and _dali_gpu_available()):
-        from .dali import decode_dali
+    from visioncoach.data.dali import dali_gpu_available, decode_dali
+
+    if backend == "dali" or (backend == "auto" and dali_gpu_available()):
 
         device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
         try:

@@ -11,15 +11,18 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from visioncoach.data.decode import DecodeError, decode
 from visioncoach.data.stgr import STGRDataset
-from visioncoach.processor import smart_resize
-from visioncoach.rewards.records import Record, convert
+
+# (record, sample index, decoded frames [F, H, W, 3]) -> what later stages need of the record,
+# computed once in the worker (the trainer passes ``rewards.records.RewardTargets``). Raises
+# ValueError for a sample it cannot serve, which then becomes a counted SampleFailure.
+TargetsFn = Callable[[dict, int, torch.Tensor], Any]
 
 
 @dataclass
@@ -31,9 +34,9 @@ class ClipSample:
     is_key: torch.Tensor   # [F] bool
     duration: float
     # The record's reward ground truth in pixels of the resized frames the model sees
-    # (``rewards.records.convert``), converted here once, in the worker, so the reward
-    # never re-validates it per rollout; None when the dataset was built without pixels.
-    reward_record: Record | None = None
+    # (a ``rewards.records.Record`` from the dataset's ``targets``), converted once, in the
+    # worker, so the reward never re-validates it per rollout; None without ``targets``.
+    reward_record: Any = None
 
 
 @dataclass
@@ -46,14 +49,14 @@ class SampleFailure:
 class ClipDataset(Dataset):
     """Decodes ``nframes`` uniform frames + the record's key frames for each record.
 
-    With ``pixels = (min_pixels, max_pixels)`` (the processor's budget) each sample also
+    With ``targets`` (see ``TargetsFn``; picklable, it runs in the workers) each sample also
     carries its reward record for the frame size the model will see.
     """
 
     def __init__(self, data: STGRDataset, nframes: int, backend: str = "auto",
-                 max_side: int | None = None, pixels: tuple[int, int] | None = None):
+                 max_side: int | None = None, targets: TargetsFn | None = None):
         self.data, self.nframes, self.backend, self.max_side = data, nframes, backend, max_side
-        self.pixels = pixels
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.data)
@@ -67,10 +70,9 @@ class ClipDataset(Dataset):
         except DecodeError as exc:
             return SampleFailure(i, rec["id"], exc.reason)
         reward_record = None
-        if self.pixels is not None:
-            h, w = smart_resize(clip.frames.shape[1], clip.frames.shape[2], *self.pixels)
+        if self.targets is not None:
             try:
-                reward_record = convert({**rec, "frame_size": [w, h]}, i)
+                reward_record = self.targets(rec, i, clip.frames)
             except ValueError as exc:  # validated at load; only a frame size can fail here
                 return SampleFailure(i, rec["id"], f"reward record: {exc}")
         return ClipSample(i, rec, clip.frames, clip.times, clip.is_key, clip.duration, reward_record)
@@ -119,9 +121,9 @@ def make_loader(dataset: ClipDataset, *, batch_size: int, rank: int = 0, world: 
     When decoding goes to DALI on a GPU, it runs in this process (DALI has its own decode
     threads and CUDA cannot be used in forked workers), so ``num_workers`` is then 0.
     """
-    from visioncoach.data.decode import _dali_gpu_available
+    from visioncoach.data.dali import dali_gpu_available
 
-    if dataset.backend in ("auto", "dali") and _dali_gpu_available():
+    if dataset.backend in ("auto", "dali") and dali_gpu_available():
         num_workers = 0
     sampler = ShardSampler(len(dataset), rank, world, shuffle, seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

@@ -125,9 +125,9 @@ class LocalModelJudge:
     name, workers = "local", 1
 
     def __init__(self, model_path: str, device: str = "auto", max_new_tokens: int = 8):
-        from visioncoach.predict import load_model
+        from visioncoach.rollout.session import load_session
 
-        self.session = load_model(model_path, device=device)
+        self.session = load_session(model_path, device=device)
         self.max_new_tokens = max_new_tokens
 
     def score(self, question: str, reference: str, candidate: str) -> Verdict:

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 
 import torch
 
-from visioncoach.kernels._backend import resolve_backend
+from visioncoach.kernels import resolve_backend
 from visioncoach.kernels.claim_iou import claim_iou, pairwise_iou  # the one IoU formula (eqs. 8, 13-15)
 from visioncoach.kernels.temporal_reward import temporal_point_reward
 
 from visioncoach.config import RewardConfig
-from visioncoach.grounding import (BACKENDS, Box, ClaimBatch, first_box, first_segment,
+from visioncoach.grounding import (BACKENDS, ClaimBatch, first_box, first_segment,
                                    normalize_name, option_letter, parse_texts)
+from visioncoach.rewards.components import ACCURACY, FORMAT, SPATIAL, TEMPORAL, TOTAL
 from visioncoach.rewards.records import (FREE_FORM_TASKS, MCQ_TASKS, TEMPORAL_SPATIAL_TASK,
                                          Record, convert)
 from visioncoach.rewards.reference import (box_iou, check_config, identity_match, rouge,
@@ -410,6 +411,6 @@ def score(texts: Sequence[str], samples: Sequence[Mapping | Record], cfg: Reward
     tmp = temporal_rewards(cb, gt, rollout_record, sigma, backend=backend).to(torch.float32).cpu()
     spa = spatial_rewards(cb, gt, rollout_record, cfg.tau, cfg.spatial_mode, cfg.identity,
                           native_identity=native, backend=backend).to(torch.float32).cpu()
-    out = {"accuracy": acc, "format": fmt, "temporal": tmp, "spatial": spa}
-    out["total"] = acc + fmt + tmp + spa
+    out = {ACCURACY: acc, FORMAT: fmt, TEMPORAL: tmp, SPATIAL: spa}
+    out[TOTAL] = acc + fmt + tmp + spa
     return {k: v.to(device) for k, v in out.items()}

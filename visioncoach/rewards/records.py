@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from visioncoach.grounding import Box, first_box, first_segment, to_f32
 
 __all__ = ["TASKS", "MCQ_TASKS", "FREE_FORM_TASKS", "TEMPORAL_QA_TASKS", "VISUAL_QA_TASKS",
-           "TEMPORAL_SPATIAL_TASK", "Record", "KeyFrame", "validate", "convert"]
+           "TEMPORAL_SPATIAL_TASK", "Record", "KeyFrame", "RewardTargets", "validate", "convert"]
 
 TEMPORAL_SPATIAL_TASK = "temporal-spatial free-form QA"
 TASKS = (
@@ -215,3 +215,17 @@ def convert(sample: Mapping, index: int | None = None) -> Record:
                 rec.gt_box = (px[0], px[1], px[2], px[3])
     return rec
 
+
+class RewardTargets:
+    """A sample's ``Record`` for the frame size the model will see: the data loader's ``targets``
+    hook (``visioncoach.data.loader.ClipDataset``), so each record is converted once, in the
+    loader's worker, rather than per reward call. ``pixels``: the processor's (min, max) budget."""
+
+    def __init__(self, pixels: tuple[int, int]):
+        self.pixels = tuple(pixels)
+
+    def __call__(self, record: Mapping, index: int, frames) -> Record:
+        from visioncoach.processor import smart_resize
+
+        h, w = smart_resize(int(frames.shape[1]), int(frames.shape[2]), *self.pixels)
+        return convert({**record, "frame_size": [w, h]}, index)

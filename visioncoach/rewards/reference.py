@@ -23,6 +23,7 @@ import torch
 from visioncoach.config import RewardConfig
 from visioncoach.grounding import (Box, first_box, first_segment, normalize_name, option_letter,
                                    parse, parse_box, parse_number, to_f32)
+from visioncoach.rewards.components import ACCURACY, FORMAT, SPATIAL, TEMPORAL, TOTAL
 from visioncoach.rewards.records import (FREE_FORM_TASKS, MCQ_TASKS, TEMPORAL_QA_TASKS,
                                          TEMPORAL_SPATIAL_TASK, validate)
 
@@ -342,6 +343,6 @@ def score_reference(texts: list[str], samples: list[Mapping], cfg: RewardConfig,
              spatial_reward(t, s, cfg.tau, cfg.spatial_mode, cfg.identity))
             for t, s in zip(texts, samples)]
     cols = torch.tensor(rows, dtype=torch.float32).reshape(len(texts), 4)
-    out = {k: cols[:, i].contiguous() for i, k in enumerate(("accuracy", "format", "temporal", "spatial"))}
-    out["total"] = out["accuracy"] + out["format"] + out["temporal"] + out["spatial"]
+    out = {k: cols[:, i].contiguous() for i, k in enumerate((ACCURACY, FORMAT, TEMPORAL, SPATIAL))}
+    out[TOTAL] = out[ACCURACY] + out[FORMAT] + out[TEMPORAL] + out[SPATIAL]
     return out

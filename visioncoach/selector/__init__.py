@@ -6,7 +6,7 @@
 * ``python -m visioncoach.selector.apply``: plug-and-play prompting of one video.
 """
 
-from visioncoach.selector.labels import SELECTOR_LABELS, LabelMapper, map_label
+from visioncoach.selector.labels import LabelMapper, map_label, selector_labels
 from visioncoach.selector.model import Selector, SelectorInput
 
-__all__ = ["SELECTOR_LABELS", "LabelMapper", "map_label", "Selector", "SelectorInput"]
+__all__ = ["LabelMapper", "map_label", "selector_labels", "Selector", "SelectorInput"]

@@ -10,11 +10,12 @@ the question with the matching hint) can be given to any reasoner.
 Key frames: at ``--key-times`` (seconds), else ``--num-frames`` uniform frames. Boxes are
 normalised [0, 1] xyxy; ``K:`` pins a box to key frame K (0-based), otherwise it applies to
 every key frame. ``darken`` and ``circle`` need boxes (without them the frames stay
-unchanged, with a warning); ``api_prompt`` needs ``--clip-path`` (an error otherwise).
+unchanged, with a warning); a heatmap type (``api_prompt``) needs ``--clip-path`` (an error
+otherwise).
 
 Writes ``OUT/key_frame_NN.png`` (the prompted key frames) and ``OUT/selection.json``: the
 selected type, the selector's raw text, the key-frame times and files, and the question with
-the visual prompt's hint appended (``visioncoach.vp.hints.add_hint``).
+the visual prompt's hint appended (``visioncoach.vp.add_hint``).
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from PIL import Image
 
     from visioncoach.data.decode import DecodeError, decode
-    from visioncoach.selector.frames import KeyFrames, clip_heatmap_fn, key_frames_at, render_candidates
+    from visioncoach.selector.frames import KeyFrames, key_frames_at, render_candidates
     from visioncoach.selector.model import Selector
-    from visioncoach.vp.hints import add_hint
+    from visioncoach.vp.heatmap import clip_heatmap_fn
+    from visioncoach.vp.spec import add_hint, clip_required, vp_spec
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
@@ -102,14 +104,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if selector.unmapped:
         log.warning("selector output %r names no visual prompt: using raw", text)
     log.info("selected visual prompt: %s", vp)
-    if vp == "api_prompt" and not args.clip_path:
-        raise SystemExit("error: the selector chose api_prompt, which needs a local CLIP checkpoint: "
-                         "pass --clip-path DIR")
-    if vp in ("darken", "circle") and not boxes:
+    spec = vp_spec(vp)
+    if spec.needs_clip and not args.clip_path:
+        raise SystemExit(f"error: the selector chose {vp}: " + clip_required(vp, "--clip-path DIR"))
+    if spec.needs == "boxes" and not boxes:
         log.warning("%s needs key-object boxes (--boxes): the key frames are left unchanged", vp)
     objects = [{"key object": [b for k, b in boxes if k is None or k == i]} for i in range(len(times))]
     kf = KeyFrames(frames, list(times), [o if o["key object"] else {} for o in objects])
-    heatmap_fn = clip_heatmap_fn(args.clip_path, device) if vp == "api_prompt" else None
+    heatmap_fn = clip_heatmap_fn(args.clip_path, device) if spec.needs_clip else None
     prompted = render_candidates(kf, [vp], args.question, heatmap_fn)[vp].cpu().numpy()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

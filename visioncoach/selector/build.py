@@ -41,16 +41,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from visioncoach.selector.frames import (HeatmapFn, clip_heatmap_fn, load_key_frames,
-                                         render_candidates, resolve_vp_types)
-from visioncoach.selector.prompts import (BOX_SCALE, PROXY_PROMPT_VERSION, key_object_prompt,
-                                          proxy_reasoner_prompt)
+from visioncoach.selector.frames import load_key_frames, render_candidates, resolve_vp_types
 from visioncoach.selector.reasoners import (Reasoner, ReasonerRequest, ReasonerUnavailable,
                                             distinct_names, reasoner_from_spec)
 from visioncoach.selector.scoring import (DEFAULT_ROUGE_THRESHOLD, DEFAULT_TAU, FUZZY_MIN_RATIO,
                                           SIM_EXACT, SIM_FUZZY_MAX, SIM_JACCARD_MAX,
                                           SIM_SUBSTRING, derive_label, parse_key_objects,
                                           score_reply)
+from visioncoach.selector.templates import (BOX_SCALE, PROXY_PROMPT_VERSION, key_object_prompt,
+                                            proxy_reasoner_prompt)
+from visioncoach.vp.render import HeatmapFn
 
 log = logging.getLogger("visioncoach.selector.build")
 
@@ -341,7 +341,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extractor = (reasoner_from_spec(args.key_object_reasoner, defaults)
                      if args.key_object_reasoner else reasoners[0])
         dataset = load_stgr(args.data, args.video_root)
-        heatmap_fn = clip_heatmap_fn(args.clip_path, args.device) if args.clip_path else None
+        heatmap_fn = None
+        if args.clip_path:
+            from visioncoach.vp.heatmap import clip_heatmap_fn
+
+            heatmap_fn = clip_heatmap_fn(args.clip_path, args.device)
         opts = BuildOptions(vp_types=vp_types, rouge_threshold=args.rouge_threshold, tau=args.tau,
                             max_side=args.max_side, workers=args.workers,
                             keep_replies=args.keep_replies, darken_factor=args.darken_factor,

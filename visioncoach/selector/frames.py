@@ -1,7 +1,8 @@
 """Key frames of a sample, the visual-prompt candidates rendered on them, and the contact sheet.
 
 Section 3.3 / appendix C.1: every candidate v_k in V is rendered on the sample's key frames,
-x'_k = VP(x; v_k), with ``visioncoach.kernels.vp_render.render_vp``:
+x'_k = VP(x; v_k), with ``visioncoach.vp.render_key_frames`` (the visual-prompt table's
+renderers); for the paper's pool:
 
 * ``darken`` / ``circle`` use the key-object boxes annotated for each key frame (normalised
   xyxy in the record, scaled here to the decoded frame's pixels); a key frame without boxes is
@@ -9,8 +10,8 @@ x'_k = VP(x; v_k), with ``visioncoach.kernels.vp_render.render_vp``:
 * ``numpro`` draws each key frame's 1-based position among the key frames (the same number as
   the "Key frame i" text the reasoners see, and the convention of the RL pipeline's clips);
 * ``api_prompt`` blends a query-conditioned CLIP relevance map (``visioncoach.vp.heatmap``);
-  it needs a local CLIP checkpoint. Without one the type cannot be rendered: the build and
-  apply entry points refuse it with an error naming ``--clip-path`` rather than render it
+  it needs a local CLIP checkpoint. Without one a heatmap type cannot be rendered: the build
+  and apply entry points refuse it with an error naming ``--clip-path`` rather than render it
   as something else (see ``resolve_vp_types``);
 * ``raw``: the frames unchanged.
 
@@ -24,17 +25,18 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from visioncoach.config import VP_TYPES
+from visioncoach.vp.render import HeatmapFn, render_key_frames
+from visioncoach.vp.spec import clip_required, renderable, vp_spec, vp_types
 
 log = logging.getLogger(__name__)
 
 __all__ = ["KeyFrames", "load_key_frames", "key_frames_at", "render_candidates", "contact_sheet",
-           "resolve_vp_types", "clip_heatmap_fn", "boxes_tensor"]
+           "resolve_vp_types", "boxes_tensor"]
 
 Box = tuple[float, float, float, float]
 
@@ -111,36 +113,24 @@ def boxes_tensor(objects: Sequence[Mapping[str, Sequence[Box]]], width: int,
     return boxes, torch.tensor([len(p) for p in per], dtype=torch.int64)
 
 
-HeatmapFn = Callable[[torch.Tensor, str], torch.Tensor]
-
-
-def clip_heatmap_fn(clip_path: str | Path, device: str | torch.device = "cpu") -> HeatmapFn:
-    """(frames [K, H, W, 3], question) -> relevance maps [K, g, g] from a local CLIP model."""
-    from visioncoach.vp.heatmap import ClipRelevance
-
-    rel = ClipRelevance.from_pretrained(clip_path, device=device)
-    return lambda frames, question: rel(frames, [question])
-
-
 def resolve_vp_types(requested: Optional[Sequence[str]], have_heatmaps: bool,
                      flag: str = "--vp-types") -> list[str]:
-    """The candidate types to render. ``None`` = all of VP_TYPES, minus ``api_prompt`` (with a
-    warning) when no CLIP checkpoint is configured; naming ``api_prompt`` explicitly without
-    one, or an unknown type, is an error."""
+    """The candidate types to render. ``None`` = every type of the visual-prompt table, minus
+    those needing a CLIP heatmap (with a warning) when no CLIP checkpoint is configured; naming
+    such a type explicitly without one, or an unknown type, is an error."""
     if requested is None:
-        types = list(VP_TYPES)
-        if not have_heatmaps:
-            log.warning("api_prompt is not a candidate: it needs a local CLIP checkpoint "
-                        "(--clip-path); rendering %s", ", ".join(t for t in types if t != "api_prompt"))
-            types.remove("api_prompt")
+        types = renderable(vp_types(), have_heatmaps)
+        for t in vp_types():
+            if t not in types:
+                log.warning("%s is not a candidate: %s", t, clip_required(t, "--clip-path"))
         return types
     types = list(dict.fromkeys(requested))
-    bad = [t for t in types if t not in VP_TYPES]
+    bad = [t for t in types if t not in vp_types()]
     if bad:
-        raise ValueError(f"{flag}: unknown visual prompt type(s) {bad}; known: {list(VP_TYPES)}")
-    if "api_prompt" in types and not have_heatmaps:
-        raise ValueError(f"{flag} includes api_prompt, which needs a local CLIP checkpoint: "
-                         "pass --clip-path DIR (or leave api_prompt out)")
+        raise ValueError(f"{flag}: unknown visual prompt type(s) {bad}; known: {list(vp_types())}")
+    for t in types:
+        if vp_spec(t).needs_clip and not have_heatmaps:
+            raise ValueError(f"{flag} includes {t}: " + clip_required(t, "--clip-path DIR"))
     if not types:
         raise ValueError(f"{flag}: no visual prompt types given")
     return types
@@ -149,23 +139,16 @@ def resolve_vp_types(requested: Optional[Sequence[str]], have_heatmaps: bool,
 def render_candidates(kf: KeyFrames, vp_types: Sequence[str], question: str = "",
                       heatmap_fn: Optional[HeatmapFn] = None, *,
                       darken_factor: float = 0.3) -> dict[str, torch.Tensor]:
-    """x'_k = VP(x; v_k) for every requested type: type -> uint8 [K, H, W, 3]."""
-    from visioncoach.kernels.vp_render import render_vp
-
+    """x'_k = VP(x; v_k) for every requested type: type -> uint8 [K, H, W, 3]. Key frames are
+    numbered 1..K; a heatmap's query is the question."""
     frames = kf.frames
     w, h = kf.size
     k = frames.shape[0]
     boxes, counts = boxes_tensor(kf.objects or [{}] * k, w, h)
-    out = {}
-    for vp in vp_types:
-        kwargs = {}
-        if vp == "api_prompt":
-            if heatmap_fn is None:
-                raise ValueError("api_prompt needs a heatmap function (a local CLIP checkpoint)")
-            kwargs["heatmap"] = heatmap_fn(frames, question)
-        out[vp] = render_vp(frames, vp, boxes=boxes, box_count=counts,
-                            frame_index=torch.arange(1, k + 1), darken_factor=darken_factor, **kwargs)
-    return out
+    return {vp: render_key_frames(frames, vp, boxes=boxes, box_count=counts,
+                                  frame_index=torch.arange(1, k + 1), heatmap_fn=heatmap_fn,
+                                  query=question, darken_factor=darken_factor, clip_flag="--clip-path")
+            for vp in vp_types}
 
 
 def contact_sheet(frames: torch.Tensor | np.ndarray, *, gap: int = 4,

@@ -1,12 +1,13 @@
 """The VP-Selector's label set and the mapping of generated text to a label (appendix C.4).
 
 The selector is a generative classifier: it writes a label string, and inference maps that
-text to one of ``SELECTOR_LABELS`` (the candidate pool V of section 3.3). Generated text is
-messy ("Darken.", "**circle**", "I would use frame numbering", "api prompt"), so the mapping
-is tolerant, in this order:
+text to one of ``selector_labels()`` (the candidate pool V of section 3.3: every type of the
+visual-prompt table, ``visioncoach.vp.spec``). Generated text is messy ("Darken.",
+"**circle**", "I would use frame numbering", "api prompt"), so the mapping is tolerant, in
+this order:
 
 1. the text's words (lower-cased, every run of non-alphanumerics a separator) are matched
-   against each label and its aliases (``LABEL_ALIASES``), as whole words or word sequences;
+   against each label and its aliases (the table's ``aliases``), as whole words or word sequences;
    the label whose match starts earliest in the text wins;
 2. each word of 4+ letters, and the whole text with separators removed, is matched with
    ``difflib.get_close_matches`` (cutoff ``FUZZY_CUTOFF``) against the label names and
@@ -21,27 +22,32 @@ import difflib
 import re
 import threading
 
-from visioncoach.config import VP_TYPES
+from visioncoach.vp.spec import RAW, vp_spec, vp_types
 
-__all__ = ["SELECTOR_LABELS", "LABEL_ALIASES", "FALLBACK_LABEL", "FUZZY_CUTOFF", "map_label",
+__all__ = ["selector_labels", "label_aliases", "FALLBACK_LABEL", "FUZZY_CUTOFF", "map_label",
            "LabelMapper"]
 
-SELECTOR_LABELS: tuple[str, ...] = tuple(VP_TYPES)   # api_prompt, circle, darken, numpro, raw
-FALLBACK_LABEL = "raw"
+FALLBACK_LABEL = RAW
 FUZZY_CUTOFF = 0.75
 # Names shorter than this are matched exactly only ("raw" must not match "draw").
 _FUZZY_MIN_LEN = 5
 
-# Other names a model may use for a label (whole words or word sequences, lower case).
-LABEL_ALIASES: dict[str, tuple[str, ...]] = {
-    "api_prompt": ("api prompt", "apiprompt", "api", "attention", "heatmap", "heat map",
-                   "attention prompt", "attention map"),
-    "circle": ("circle", "circles", "red circle", "red circles", "circled"),
-    "darken": ("darken", "darkened", "darkening", "dark"),
-    "numpro": ("numpro", "num pro", "frame number", "frame numbers", "frame numbering",
-               "numbering", "frame index", "number"),
-    "raw": ("raw", "none", "no prompt", "no visual prompt", "original"),
-}
+
+
+def selector_labels() -> tuple[str, ...]:
+    """The labels a selector chooses among: every registered visual-prompt type, in table
+    order (the paper's: api_prompt, circle, darken, numpro, raw)."""
+    return vp_types()
+
+
+def label_aliases(label: str) -> tuple[str, ...]:
+    """Other names a model may write for ``label`` (whole words or word sequences, lower
+    case); none for a label the table does not know (a selector trained elsewhere)."""
+    try:
+        return vp_spec(label).aliases
+    except ValueError:
+        return ()
+
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -53,7 +59,7 @@ def _words(text: str) -> list[str]:
 def _exact(words: list[str], labels: tuple[str, ...]) -> str | None:
     best: tuple[int, int, str] | None = None        # (start word, -alias length, label)
     for label in labels:
-        for alias in (label.replace("_", " "),) + LABEL_ALIASES.get(label, ()):
+        for alias in (label.replace("_", " "),) + label_aliases(label):
             seq = alias.split()
             n = len(seq)
             for i in range(len(words) - n + 1):
@@ -68,7 +74,7 @@ def _exact(words: list[str], labels: tuple[str, ...]) -> str | None:
 def _fuzzy(words: list[str], labels: tuple[str, ...]) -> str | None:
     vocab: dict[str, str] = {}
     for label in labels:
-        for name in (label.replace("_", ""),) + LABEL_ALIASES.get(label, ()):
+        for name in (label.replace("_", ""),) + label_aliases(label):
             if " " not in name and len(name) >= _FUZZY_MIN_LEN:
                 vocab[name] = label
     for w in words + ["".join(words)]:
@@ -80,11 +86,11 @@ def _fuzzy(words: list[str], labels: tuple[str, ...]) -> str | None:
     return None
 
 
-def map_label(text: str, labels: tuple[str, ...] = SELECTOR_LABELS) -> tuple[str, bool]:
+def map_label(text: str, labels: tuple[str, ...] | None = None) -> tuple[str, bool]:
     """(label, mapped): the label ``text`` names (module docstring), and False when nothing
     matched and the fallback ``raw`` (or the last label when ``raw`` is not in ``labels``)
     was returned."""
-    labels = tuple(labels)
+    labels = selector_labels() if labels is None else tuple(labels)
     words = _words(text if isinstance(text, str) else "")
     label = _exact(words, labels) or _fuzzy(words, labels)
     if label is not None:
@@ -96,8 +102,8 @@ class LabelMapper:
     """``map_label`` with a thread-safe count of unmappable texts (``unmapped``) and of all
     mapped texts (``total``)."""
 
-    def __init__(self, labels: tuple[str, ...] = SELECTOR_LABELS):
-        self.labels = tuple(labels)
+    def __init__(self, labels: tuple[str, ...] | None = None):
+        self.labels = selector_labels() if labels is None else tuple(labels)
         self.unmapped = 0
         self.total = 0
         self._lock = threading.Lock()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from visioncoach.selector.labels import LabelMapper
-from visioncoach.selector.prompts import SELECTOR_PROMPT_VERSION, selector_instruction
+from visioncoach.selector.templates import SELECTOR_PROMPT_VERSION, selector_instruction
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +212,14 @@ class Selector:
     def predict(self, batch: Sequence) -> list[str]:
         """One label per sample (class docstring)."""
         return [self.mapper(t) for t in self.generate_texts(list(batch))]
+
+    def choose_for_samples(self, samples: Sequence) -> list[str]:
+        """One label per decoded training sample (``data.loader.ClipSample``, the RL trainer's
+        ``vp.selector=model``): its question, its key frames (all frames when it has none) and
+        the key objects annotated in its reward record."""
+        return self.predict([
+            SelectorInput(question=s.record["question"],
+                          frames=s.frames[s.is_key] if s.is_key.any() else s.frames,
+                          key_objects=sorted({n for f in s.reward_record.frames for n in f.names})
+                          if s.reward_record is not None else ())
+            for s in samples])

@@ -167,7 +167,7 @@ class LocalVLMReasoner:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def complete(self, request: ReasonerRequest) -> str:
-        from visioncoach.rollout.engine import generate_group
+        from visioncoach.rollout.generate import generate_group
 
         eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         with self._lock:

@@ -36,7 +36,7 @@ from typing import Mapping, Optional, Sequence
 
 from visioncoach.grounding import normalize_name, parse
 from visioncoach.rewards.reference import accuracy_reward, box_iou
-from visioncoach.selector.prompts import BOX_SCALE
+from visioncoach.selector.templates import BOX_SCALE
 
 __all__ = ["ReplyScore", "score_reply", "parse_reply", "object_similarity", "derive_label",
            "parse_key_objects", "SIM_EXACT", "SIM_SUBSTRING", "SIM_FUZZY_MAX", "FUZZY_MIN_RATIO",

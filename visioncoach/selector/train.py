@@ -41,10 +41,10 @@ import torch
 
 from visioncoach.utils.files import write_text_atomic
 
-from visioncoach.selector.labels import SELECTOR_LABELS
+from visioncoach.selector.labels import selector_labels
 from visioncoach.selector.model import (LORA_TARGET_MODULES, SELECTOR_META, encode, label_loss,
                                         load_base)
-from visioncoach.selector.prompts import SELECTOR_PROMPT_VERSION
+from visioncoach.selector.templates import SELECTOR_PROMPT_VERSION
 
 log = logging.getLogger("visioncoach.selector.train")
 
@@ -131,7 +131,7 @@ def _lr_factor(schedule: str, total_steps: int):
     return lambda s: 1.0
 
 
-def train_selector(samples: list[dict], out: Path, *, base: str = "tiny", labels=SELECTOR_LABELS,
+def train_selector(samples: list[dict], out: Path, *, base: str = "tiny", labels=None,
                    epochs: int = 10, batch_size: int = 8, lr: float = 2e-4, weight_decay: float = 0.01,
                    lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05,
                    min_pixels: int = 3136, max_pixels: int = 200704, max_side: int = 448,
@@ -139,10 +139,12 @@ def train_selector(samples: list[dict], out: Path, *, base: str = "tiny", labels
                    gradient_checkpointing: bool = False, max_new_tokens: int = 8,
                    lr_schedule: str = "constant", grad_clip: float = 1.0, skipped: int = 0) -> dict:
     """LoRA-train the selector on samples carrying ``sheet`` (PNG path), ``question``,
-    ``key_objects`` and ``label``; save it into ``out``; return the metadata written."""
+    ``key_objects`` and ``label``; save it into ``out``; return the metadata written.
+    ``labels``: the classes (default ``selector_labels()``, the visual-prompt table)."""
     from peft import LoraConfig, get_peft_model
     from PIL import Image
 
+    labels = selector_labels() if labels is None else tuple(labels)
     if not samples:
         raise ValueError("no usable labelled samples to train on (see the problems logged above)")
     (out / SELECTOR_META).unlink(missing_ok=True)       # a stale one would mark this run complete
@@ -260,7 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "(nothing is downloaded at run time)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out)
-    samples, problems = load_labelled(args.data, SELECTOR_LABELS)
+    labels = selector_labels()
+    samples, problems = load_labelled(args.data, labels)
     cache = Path(args.sheet_cache) if args.sheet_cache else out / "contact_sheets"
     samples, decode_problems = prepare_sheets(samples, cache, args.max_side)
     problems += decode_problems
@@ -268,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.warning("skipped: %s", msg)
     if problems:
         log.warning("%d sample(s) skipped in all", len(problems))
-    counts = {lab: sum(s["label"] == lab for s in samples) for lab in SELECTOR_LABELS}
+    counts = {lab: sum(s["label"] == lab for s in samples) for lab in labels}
     log.info("%d labelled samples: %s", len(samples), counts)
     try:
         meta = train_selector(samples, out, base=args.base_model, epochs=args.epochs,

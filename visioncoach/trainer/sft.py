@@ -1,5 +1,8 @@
 """SFT cold start: token NLL of the reference reasoning, through the fused LM-head log-probs.
 
+``SFTRunner`` is the stage (``optim.sft_steps`` steps on the shared ``StageRunner`` harness);
+``build_sft_example`` / ``sft_loss`` are its step.
+
 The prompt is the same one RL and inference use (``visioncoach.processor.build_inputs``); the
 target is the record's ``reasoning_process`` followed by ``<|im_end|>``. The loss never forms
 the [tokens x vocab] logits: the language model's final hidden states at the target positions
@@ -9,12 +12,16 @@ go through ``visioncoach.kernels.linear_logprob`` with the LM head's weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from visioncoach.data.loader import split_failures
 from visioncoach.processor import build_inputs
-from visioncoach.prompts import user_text
-from visioncoach.trainer.engine import token_logprobs
+from visioncoach.templates import user_text
+from visioncoach.trainer.distributed import token_logprobs
+from visioncoach.trainer.harness import StageRunner
+from visioncoach.utils.profiling import Phases, peak_memory_gb
 
 
 @dataclass
@@ -63,3 +70,34 @@ def sft_loss(model, examples: list[SFTExample]) -> tuple[torch.Tensor, int]:
         total = s if total is None else total + s
         n += logp.numel()
     return total / max(n, 1), n
+
+
+class SFTRunner(StageRunner):
+    """Runs ``optim.sft_steps`` SFT steps on ``dataset`` (an ``STGRDataset`` with reasoning)."""
+
+    stage = "sft"
+
+    def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir: Path):
+        super().__init__(cfg, dist_info, model, tokenizer, dataset, out_dir, lr=cfg.optim.sft_lr,
+                         steps=cfg.optim.sft_steps)
+
+    def train_step(self, batch) -> dict:
+        cfg, dev = self.cfg, self.dist.device
+        phase = Phases("sft")
+        with phase("data"):
+            samples = split_failures(batch, self.failures)
+            examples = [build_sft_example(s, self.tokenizer, layout=cfg.data.layout,
+                                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                                          device=dev) for s in samples]
+        self.model.train()
+        with phase("forward"):
+            loss, n_tok = sft_loss(self.model, examples) if examples else (self.zero_loss(), 0)
+        with phase("backward_optim", nvtx="sft/backward+optimizer"):
+            ok, grad_norm, lr = self.update(loss)
+        self.step += 1
+        t = phase.seconds
+        return {"stage": "sft", "step": self.step, "loss": float(loss.detach()) if ok else None,
+                "skipped": not ok, "lr": lr, "grad_norm": float(grad_norm) if ok else None,
+                "tokens": n_tok, "tokens_per_s": n_tok / max(t["forward"] + t["backward_optim"], 1e-9),
+                **phase.metrics(), "peak_mem_gb": peak_memory_gb(dev),
+                "samples_skipped": self.failures.total}

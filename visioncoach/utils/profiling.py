@@ -1,7 +1,8 @@
-"""NVTX ranges around training phases and an optional torch.profiler window.
+"""Phase timings, NVTX ranges, peak memory, call counts and an optional torch.profiler window.
 
-``nvtx_range`` marks a phase for Nsight Systems (``nsys profile``) on CUDA and is a no-op
-elsewhere, so the loop needs no device checks. ``StepProfiler`` records a torch.profiler
+``Phases`` times the phases of a training step and marks each as an NVTX range for Nsight
+Systems (``nsys profile``); ``nvtx_range`` alone is a no-op without CUDA, so the loop needs no
+device checks. ``StepProfiler`` records a torch.profiler
 trace (Chrome/Perfetto JSON) for the steps ``log.profile_steps = "a:b"`` names: the 0-based
 step indices a..b-1 of the stage, as a Python slice (so "0:2" is the first two steps).
 """
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
+import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,6 +32,43 @@ def nvtx_range(name: str):
             torch.cuda.nvtx.range_pop()
     else:
         yield
+
+
+class Phases:
+    """Wall time per phase of one training step; each phase is also the NVTX range
+    ``<prefix>/<name>`` (or ``nvtx=``). Times of a phase entered several times add up.
+
+        phase = Phases("rl")
+        with phase("rollout"):
+            ...
+        phase.metrics()   # {"time_rollout_s": ...}
+
+    Times are host wall clock: on CUDA a phase ends when its Python code does, not its kernels
+    (the step syncs once per update, so the step's total is right; nsys shows the split).
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.seconds: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, nvtx: str | None = None):
+        t0 = time.perf_counter()
+        try:
+            with nvtx_range(nvtx or f"{self.prefix}/{name}"):
+                yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{k}_s": v for k, v in self.seconds.items()}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory of ``device``, or this process's peak RSS on CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def parse_steps(spec: str) -> tuple[int, int] | None:
@@ -72,3 +113,37 @@ class StepProfiler:
         log.info("profiler trace of %s step indices %d..%d: %s", self.stage, self.window[0],
                  self.window[1] - 1, path)
         return path
+
+
+class CallCounter:
+    """Counts forward calls of a module (e.g. ``model.model.visual``) with a forward pre-hook.
+
+    ``rows`` sums the batch size of the counted calls; ``min_seq`` counts only calls whose
+    input sequence (dim 1 of ``inputs_embeds``) is at least that long, e.g. ``min_seq=2`` on the
+    language model counts prefills and not decode steps.
+
+        with CallCounter(model.model.visual) as vision: ...
+        vision.calls
+    """
+
+    def __init__(self, module: torch.nn.Module, min_seq: int | None = None):
+        self.module, self.min_seq = module, min_seq
+        self.calls = self.rows = 0
+        self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if self.min_seq is not None:
+            if x is None or x.dim() < 3 or x.shape[1] < self.min_seq:
+                return
+        self.calls += 1
+        self.rows += int(x.shape[0]) if x is not None and x.dim() >= 2 else 1
+
+    def __enter__(self) -> "CallCounter":
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()

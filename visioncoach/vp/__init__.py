@@ -1,25 +1,28 @@
-"""Visual prompts (VisionCoach appendix C.1): rendering on key frames, hint texts, CLIP heatmaps.
+"""Data flow stage 2: visual prompts (VisionCoach section 3.2, appendix C.1), in one home.
 
-``render_vp`` (Triton on CUDA, PyTorch elsewhere; see ``visioncoach.kernels.vp_render``) draws
-``darken`` / ``circle`` / ``numpro`` / ``api_prompt`` / ``raw`` on a batch of key frames;
-``add_hint`` appends the matching text hint to the question; ``ClipRelevance`` (imported lazily,
-it pulls in transformers) computes the query-conditioned heatmaps ``api_prompt`` blends in.
+* ``spec``: the table of visual-prompt types (what each needs, its renderer, hint, aliases);
+* ``render``: ``render_vp`` (the table's kernel, Triton on CUDA, or its PyTorch reference) and
+  ``render_key_frames``;
+* ``chooser``: ``VPChooser``, which type a hard prompt gets (``vp.selector``);
+* ``prompting``: a sample's prompted key frames and model inputs with the hint appended;
+* ``heatmap``: CLIP relevance maps for ``api_prompt`` (imported lazily: it pulls in
+  transformers' CLIP).
 """
 
-from visioncoach.kernels.vp_render import (DIGIT_GLYPHS, VP_TYPES, default_digit_scale,
-                                           default_pad, default_thickness, render_vp,
-                                           render_vp_reference)
-from visioncoach.vp.hints import VP_HINTS, add_hint
+from visioncoach.vp.render import render_key_frames, render_vp, render_vp_reference
+from visioncoach.vp.spec import (RAW, VPSpec, add_hint, clip_required, register_vp_type, renderable,
+                                 unregister_vp_type, vp_spec, vp_types)
 
 __all__ = [
-    "VP_TYPES", "VP_HINTS", "DIGIT_GLYPHS", "add_hint", "render_vp", "render_vp_reference",
-    "default_pad", "default_thickness", "default_digit_scale", "ClipRelevance",
+    "RAW", "VPSpec", "add_hint", "clip_required", "register_vp_type", "render_key_frames",
+    "render_vp", "render_vp_reference", "renderable", "unregister_vp_type", "vp_spec", "vp_types",
+    "ClipRelevance", "clip_heatmap_fn",
 ]
 
 
 def __getattr__(name):
-    if name == "ClipRelevance":
-        from visioncoach.vp.heatmap import ClipRelevance
+    if name in ("ClipRelevance", "clip_heatmap_fn"):
+        from visioncoach.vp import heatmap
 
-        return ClipRelevance
+        return getattr(heatmap, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClipRelevance", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
+__all__ = ["ClipRelevance", "clip_heatmap_fn", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -162,3 +162,10 @@ class ClipRelevance:
         span = hi - lo
         rel = torch.where(span > 0, (sim - lo) / torch.where(span > 0, span, 1.0), 0.0)
         return rel.clamp(0.0, 1.0).to(frames.device)
+
+
+def clip_heatmap_fn(clip_path: str | Path, device: str | torch.device = "cpu"):
+    """A ``vp.render.HeatmapFn`` from a local CLIP checkpoint: (frames [K, H, W, 3], query) ->
+    relevance maps [K, g, g] of every frame for the one query."""
+    rel = ClipRelevance.from_pretrained(clip_path, device=device)
+    return lambda frames, query: rel(frames, [query])

@@ -1,4 +1,4 @@
-"""Prompt texts of the VP-Selector pipeline (paper appendix C).
+"""Text templates of the VP-Selector pipeline (paper appendix C).
 
 * ``proxy_reasoner_prompt``: the prompt to the proxy reasoners (paper Figure 9). The figure is
   written for 5-option multiple-choice questions; the answer rules are adapted per task (the
@@ -152,9 +152,9 @@ def selector_instruction(question: str, key_objects: Sequence[str] = (),
                          labels: Sequence[str] = ()) -> str:
     """The selector's user text (version ``SELECTOR_PROMPT_VERSION``); the contact sheet of
     the key frames is the image before it."""
-    from visioncoach.selector.labels import SELECTOR_LABELS
+    from visioncoach.selector.labels import selector_labels
 
-    labels = tuple(labels) or SELECTOR_LABELS
+    labels = tuple(labels) or selector_labels()
     options = ", ".join(labels[:-1]) + f" or {labels[-1]}" if len(labels) > 1 else labels[0]
     lines = ["The image shows key frames of a video in time order.", f"Question: {question.strip()}"]
     objs = [o.strip() for o in key_objects if o and o.strip()]

@@ -1,4 +1,9 @@
-"""The prompt template: one place, used by SFT, RL, the VP-Selector and inference.
+"""The policy's text template: one place, used by SFT, RL, the VP-Selector and inference.
+
+Vocabulary used across the package: a *prompt* is what a model is given (the chat text and
+its tokens, ``rollout.PromptEmbeds``); a *visual prompt* (``vp``) is VisionCoach's overlay on key
+frames, always called that; a *template* is the fixed text a prompt is built from (this
+module, ``selector.templates``).
 
 The policy answers ``<think>...</think><answer>...</answer>`` and grounds its evidence inside
 think as ``<obj>NAME</obj><box>[x1, y1, x2, y2]</box>at<t>T</t>s`` (boxes in pixels of the

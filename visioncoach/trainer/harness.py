@@ -1,13 +1,14 @@
-"""The training loop: one readable step function per stage, around a shared harness.
+"""The stage harness: what every training stage shares, around its one ``train_step``.
 
-Harness (``StageRunner``): AdamW, warm-up + cosine (or linear/constant) schedule, gradient
+``StageRunner``: AdamW, warm-up + cosine (or linear/constant) schedule, gradient
 averaging across ranks, clipping, a deterministic resumable data position, atomic
 checkpoints (``checkpoints/<stage>/``), per-step JSONL metrics with per-phase timings,
 tokens/s and peak memory, and non-finite steps skipped (and counted; several in a row stop
 the run with a clear message).
 
-Stages: SFT cold start (``SFTRunner``: token NLL of the reference reasoning) and RL
-(``visioncoach.trainer.rl.RLRunner``: VisionCoach Algorithm 1).
+Stages: SFT cold start (``visioncoach.trainer.sft.SFTRunner``: token NLL of the reference
+reasoning) and RL (``visioncoach.trainer.rl.RLRunner``: VisionCoach Algorithm 1). Per-step
+metrics go through ``visioncoach.trainer.metrics.StepLog``.
 
 Gradients are averaged with one all-reduce per bucket after the backward
 (``visioncoach.utils.dist.allreduce_gradients``) rather than by DistributedDataParallel:
@@ -19,24 +20,22 @@ with it DDP's gradient hooks.
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import math
-import resource
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from visioncoach.data.loader import ClipDataset, FailureCounter, make_loader, split_failures
+from visioncoach.data.loader import ClipDataset, FailureCounter, make_loader
+from visioncoach.rewards.records import RewardTargets
 from visioncoach.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from visioncoach.trainer.engine import (attach_logprob_head, engine_kind, full_parameters,
-                                        initialize_deepspeed, register_head_weight,
-                                        release_deepspeed)
-from visioncoach.trainer.sft import build_sft_example, sft_loss
+from visioncoach.trainer.distributed import (attach_logprob_head, engine_kind, full_parameters,
+                                             initialize_deepspeed, register_head_weight,
+                                             release_deepspeed)
+from visioncoach.trainer.metrics import StepLog
 from visioncoach.utils.dist import allreduce_gradients
-from visioncoach.utils.profiling import StepProfiler, nvtx_range
+from visioncoach.utils.profiling import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,6 @@ def lr_lambda(kind: str, total: int, warmup: int):
         p = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1 + math.cos(math.pi * p)) if kind == "cosine" else 1.0 - p
     return f
-
-
-def _peak_mem_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class StageRunner(abc.ABC):
@@ -89,7 +82,8 @@ class StageRunner(abc.ABC):
             attach_logprob_head(model)
             self.ds = initialize_deepspeed(model, self.optimizer, self.scheduler, cfg)
             register_head_weight(model)
-        self.clips = ClipDataset(dataset, cfg.data.nframes, backend=cfg.data.decoder, pixels=pixels)
+        self.clips = ClipDataset(dataset, cfg.data.nframes, backend=cfg.data.decoder,
+                                 targets=RewardTargets(pixels) if pixels else None)
         self.failures = FailureCounter()
         self.step = 0
         self.nonfinite_in_row = 0
@@ -249,41 +243,21 @@ class StageRunner(abc.ABC):
     def run(self) -> list[dict]:
         history = []
         batches = self._batches()
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
         main = self.dist.is_main
         prof = StepProfiler(self.cfg.log.profile_steps, self.out_dir / "profile", self.stage, enabled=main)
-        board = _tensorboard(self.out_dir / "tensorboard") if main and self.cfg.log.tensorboard else None
-        bar = None
-        if main and self.cfg.log.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.steps, initial=self.step, desc=self.stage, dynamic_ncols=True)
-        with open(self.metrics_path, "a") if main else _NullFile() as mf:
+        steplog = StepLog(self, enabled=main)
+        try:
             while self.step < self.steps:
                 index = self.step
                 prof.before(index)
                 m = self.train_step(next(batches))
                 prof.after(index)
                 history.append(m)
-                if main:
-                    mf.write(json.dumps(m) + "\n")
-                    mf.flush()
-                    if m["step"] % self.cfg.log.every_steps == 0:
-                        self.log_step(m)
-                    if board is not None:
-                        for k, v in m.items():
-                            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                                board.add_scalar(f"{self.stage}/{k}", v, m["step"])
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(self.progress_fields(history))
+                steplog.write(m, history)
                 if self.step % self.cfg.log.checkpoint_every == 0 or self.step == self.steps:
                     self.save()
-        if bar is not None:
-            bar.close()
-        if board is not None:
-            board.close()
+        finally:
+            steplog.close()
         if self.ds is not None:
             # The stage is over: remove DeepSpeed's hooks from the model, so the next stage's
             # engine is the only one managing it (two ZeRO-3 engines would both release params).
@@ -292,60 +266,3 @@ class StageRunner(abc.ABC):
         if self.failures.total:
             log.warning("%s: %s", self.stage, self.failures.summary())
         return history
-
-
-class SFTRunner(StageRunner):
-    """Runs ``optim.sft_steps`` SFT steps on ``dataset`` (an ``STGRDataset`` with reasoning)."""
-
-    stage = "sft"
-
-    def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir: Path):
-        super().__init__(cfg, dist_info, model, tokenizer, dataset, out_dir, lr=cfg.optim.sft_lr,
-                         steps=cfg.optim.sft_steps)
-
-    def train_step(self, batch) -> dict:
-        cfg, dev = self.cfg, self.dist.device
-        t0 = time.perf_counter()
-        samples = split_failures(batch, self.failures)
-        examples = [build_sft_example(s, self.tokenizer, layout=cfg.data.layout,
-                                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                                      device=dev) for s in samples]
-        t1 = time.perf_counter()
-        self.model.train()
-        with nvtx_range("sft/forward"):
-            loss, n_tok = sft_loss(self.model, examples) if examples else (self.zero_loss(), 0)
-        t2 = time.perf_counter()
-        with nvtx_range("sft/backward+optimizer"):
-            ok, grad_norm, lr = self.update(loss)
-        t3 = time.perf_counter()
-        self.step += 1
-        return {"stage": "sft", "step": self.step, "loss": float(loss.detach()) if ok else None,
-                "skipped": not ok, "lr": lr, "grad_norm": float(grad_norm) if ok else None,
-                "tokens": n_tok, "tokens_per_s": n_tok / max(t3 - t1, 1e-9),
-                "time_data_s": t1 - t0, "time_forward_s": t2 - t1, "time_backward_optim_s": t3 - t2,
-                "peak_mem_gb": _peak_mem_gb(dev), "samples_skipped": self.failures.total}
-
-
-def _tensorboard(path: Path):
-    """A SummaryWriter, or None (logged once) when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.info("log.tensorboard: the tensorboard package is not installed; metrics go to "
-                 "metrics.jsonl only (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(path))
-
-
-class _NullFile:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def write(self, _):
-        pass
-
-    def flush(self):
-        pass

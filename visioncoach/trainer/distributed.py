@@ -1,4 +1,4 @@
-"""The distributed engine: DeepSpeed ZeRO (its JSON config generated from ours), or plain data
+"""Distributed engines: DeepSpeed ZeRO (its JSON config generated from ours), or plain data
 parallelism with an explicit gradient all-reduce, or a single process.
 
 The training step calls the policy's submodules directly (the prompt's prefill shared by G
@@ -18,6 +18,8 @@ import contextlib
 import logging
 
 import torch
+
+from visioncoach.models.access import hf_model
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +99,9 @@ class LogprobHead(torch.nn.Module):
         return linear_logprob(hidden, weight, targets)
 
 
-def _hf_model(model):
-    model = model.module if hasattr(model, "module") and not hasattr(model, "lm_head") else model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def attach_logprob_head(model) -> None:
     """Give the policy a ``logprob_head`` child (before ``deepspeed.initialize`` wraps it)."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     if not hasattr(hf, "logprob_head"):
         hf.logprob_head = LogprobHead()
 
@@ -114,14 +111,14 @@ def register_head_weight(model) -> None:
     if is_zero3(model):
         import deepspeed
 
-        hf = _hf_model(model)
+        hf = hf_model(model)
         deepspeed.zero.register_external_parameter(hf.logprob_head, hf.lm_head.weight)
 
 
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[..., T] fp32 log-probs of ``targets`` from final hidden states [..., T, D]: through the
     ``logprob_head`` module when attached (DeepSpeed), else the kernel directly."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     head = getattr(hf, "logprob_head", None)
     if head is not None:
         return head(hidden, hf.lm_head.weight, targets)
@@ -134,7 +131,7 @@ def frozen_copy(model):
     """A frozen, plain (never partitioned, no DeepSpeed hooks) copy of ``model``'s current
     weights, in eval mode: the reference policy. Under ZeRO-3 the weights are gathered first
     (collective: every rank calls this)."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     with torch.no_grad(), full_parameters(hf):
         state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     ref = type(hf)(hf.config).to(dtype=next(iter(state.values())).dtype)
