@@ -73,7 +73,7 @@ def test_load_stgr_reports_all_problems_with_lines(tmp_path, synth):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(recs, indent=1))
     with pytest.raises(stgr.DatasetError) as err:
-        stgr.load_stgr(bad, synth.parent)
+        stgr.load_stgr(bad, synth.parent, strict=True)
     problems = err.value.problems
     assert len(problems) == 3
     lines = bad.read_text().splitlines()
@@ -81,6 +81,9 @@ def test_load_stgr_reports_all_problems_with_lines(tmp_path, synth):
         assert fragment in p
         n = int(p.split(":")[1])
         assert lines[n - 1].strip() == "{"  # the line where that record starts
+    # Not strict (the default): the invalid records are skipped and counted with file:line.
+    ds = stgr.load_stgr(bad, synth.parent)
+    assert [r["id"] for r in ds.records] == [recs[0]["id"]] and ds.skipped == problems
     # JSONL: the same, one record per line
     jl = tmp_path / "bad.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in recs) + "\n{broken\n")

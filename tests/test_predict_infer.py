@@ -14,7 +14,8 @@ from PIL import Image
 from visioncoach import predict
 from visioncoach.eval.__main__ import main as eval_main
 from visioncoach.grounding import Claim, parse
-from visioncoach.infer import draw_contact_sheet, write_grounding
+from visioncoach.infer import write_grounding
+from visioncoach.utils.contact_sheet import draw_contact_sheet
 from visioncoach.infer import main as infer_main
 from visioncoach.predict import charades_items, claim_boxes_by_second, predict_charades, VideoFinder
 from visioncoach.rollout import session as session_mod
@@ -52,7 +53,7 @@ def reuse_loaded_model(monkeypatch, checkpoint, loaded):
     def cached(path, *, device="auto", dtype="auto", attn="auto", **options):
         if Path(path) != checkpoint or device != "cpu":
             return real(path, device=device, dtype=dtype, attn=attn, **options)
-        return dataclasses.replace(loaded, **options)
+        return dataclasses.replace(loaded, **{k: v for k, v in options.items() if v is not None})
 
     monkeypatch.setattr(predict, "load_session", cached)      # predict's own reference
     monkeypatch.setattr(session_mod, "load_session", cached)  # infer and the judge import it lazily
@@ -218,3 +219,12 @@ def test_local_model_judge(checkpoint):
     judge = LocalModelJudge(str(checkpoint), device="cpu", max_new_tokens=4)
     verdict = judge.score("What is held?", "a cup", "a cup")
     assert verdict.score in (0, 1, 2, 3) or (verdict.score is None and "no 0-3 score" in verdict.error)
+
+
+def test_session_pixel_bounds_default_to_the_checkpoints(checkpoint):
+    """The tiny checkpoint's processor was saved with max_pixels 3136: a session given no
+    bounds preprocesses as trained; given ones win."""
+    from visioncoach.rollout.session import load_session as real_load
+
+    assert real_load(checkpoint, device="cpu").max_pixels == 3136
+    assert real_load(checkpoint, device="cpu", max_pixels=12544).max_pixels == 12544

@@ -112,7 +112,7 @@ def test_selector_rejects_bad_folders(tmp_path):
         Selector(tmp_path)
 
 
-def test_apply_writes_prompted_pngs(trained, tmp_path):
+def test_apply_writes_prompted_pngs(trained, tmp_path, capsys):
     from PIL import Image
 
     from visioncoach.selector import apply
@@ -135,6 +135,8 @@ def test_apply_writes_prompted_pngs(trained, tmp_path):
     assert all(p.shape == tuple(raw.shape[1:]) and p.dtype == np.uint8 for p in pngs)
     assert pngs[0].mean() < raw[0].numpy().mean()            # outside the box is darkened
     assert np.array_equal(pngs[1], raw[1].numpy())           # the box was pinned to key frame 0
-    with pytest.raises(SystemExit, match="--boxes"):
-        apply.main(["--selector", str(out), "--video", "v.mp4", "--question", "q", "--boxes", "1,2,3",
-                    "--out", str(dest)])
+    capsys.readouterr()
+    assert apply.main(["--selector", str(out), "--video", "v.mp4", "--question", "q", "--boxes", "1,2,3",
+                       "--out", str(dest)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --boxes")

@@ -104,6 +104,17 @@ def test_default_command_runs_every_component(tmp_path):
     for stage in ("sft", "rl"):
         kept = [p.name for p in (tmp_path / "run" / "checkpoints" / stage).glob("step-*")]
         assert 1 <= len(kept) <= 2, kept
+    # The run folder is what a user passes to inference: its latest RL checkpoint, with the
+    # processor and tokenizer that rank 0 saved next to the gathered weights.
+    video = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "cup.mp4"
+    res = subprocess.run([sys.executable, "-m", "visioncoach.infer", "--model", str(tmp_path / "run"),
+                          "--video", str(video), "--question", "What does the hand hold?", "--out",
+                          str(tmp_path / "infer"), "--nframes", "4", "--max-pixels", "12544",
+                          "--max-new-tokens", "32", "--device", "cpu"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"model: run folder {tmp_path / 'run'} (stage rl)" in res.stdout
+    assert "Answer:" in res.stdout and (tmp_path / "infer" / "cup_grounding.png").is_file()
 
 
 STAND_IN = '''

@@ -37,7 +37,11 @@ def _cfg(**over):
             "rollout.max_new_tokens": 8, "rollout.prompts_per_step": 3, "vp.selector": "gating",
             "vp.hard_mode": "percentile", "vp.hard_threshold": 60, "loss.beta": 0.04,
             "loss.updates_per_rollout": 1, "optim.rl_steps": 2, "optim.lr": 1e-3,
-            "log.checkpoint_every": 100}
+            "log.checkpoint_every": 100,
+            # The reference step below writes Algorithm 1 as printed: candidates by the total
+            # reward and frame numbers on the key frames (the defaults follow appendices B.2
+            # and C.1 instead; tests/test_ablations.py covers both settings).
+            "vp.candidate_reward": "total", "vp.numpro_frames": "key"}
     return load_config([f"--{k}={v}" for k, v in {**base, **over}.items()])
 
 

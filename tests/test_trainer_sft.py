@@ -2,11 +2,12 @@
 atomic and resuming continues exactly, non-finite steps are skipped then stop the run."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from visioncoach.config import load_config
+from visioncoach.config import DataConfig, load_config
 from visioncoach.data.stgr import load_stgr
 from visioncoach.data.synthetic import generate
 from visioncoach.models.tiny import build_tiny_model
@@ -28,11 +29,11 @@ def _cfg(**over):
     return load_config(args)
 
 
-def _runner(cfg, dataset, tokenizer, out_dir, seed=0):
+def _runner(cfg, dataset, tokenizer, out_dir, seed=0, processor=None, model=None):
     torch.manual_seed(seed)
-    model = build_tiny_model(seed=seed)
+    model = build_tiny_model(seed=seed) if model is None else model
     info = DistInfo(0, 1, 0, torch.device("cpu"), None)
-    return SFTRunner(cfg, info, model, tokenizer, dataset, out_dir)
+    return SFTRunner(cfg, info, model, tokenizer, dataset, out_dir, processor=processor)
 
 
 def test_fused_target_logprobs_equal_plain_logits(dataset, tokenizer):
@@ -40,8 +41,8 @@ def test_fused_target_logprobs_equal_plain_logits(dataset, tokenizer):
 
     model = build_tiny_model(seed=1)
     sample = ClipDataset(dataset, nframes=2)[0]
-    ex = build_sft_example(sample, tokenizer, layout="frames", min_pixels=3136, max_pixels=12544,
-                           device=torch.device("cpu"))
+    ex = build_sft_example(sample, tokenizer, DataConfig(min_pixels=3136, max_pixels=12544),
+                           torch.device("cpu"))
     ours = target_logprobs(model, ex)                                             # [1, Tt]
     logits = model(**ex.tensors).logits.float()                                   # [1, L, V]
     ref = torch.log_softmax(logits[:, ex.target_start - 1:-1], -1).gather(
@@ -115,3 +116,47 @@ def test_non_finite_steps_are_skipped_then_stop(dataset, tokenizer, tmp_path, mo
         r.run()
     assert all(torch.equal(a, b) for a, b in zip(before, r.model.parameters()))
     assert not (tmp_path / "checkpoints" / "sft").exists()  # never a NaN checkpoint
+
+
+VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+
+
+def test_checkpoint_is_a_model_folder_that_infer_takes(dataset, tokenizer, processor, tmp_path, capsys):
+    """The checkpoint's model folder is a complete from_pretrained folder (weights, generation
+    config, the training processor's pixel bounds, the tokenizer with its chat template), and
+    infer takes the run, stage, step or model folder, printing what it resolved."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from visioncoach.infer import main as infer_main
+
+    run = tmp_path / "run"
+    r = _runner(_cfg(**{"optim.sft_steps": 4}), dataset, tokenizer, run, processor=processor)
+    r.run()
+    stage = run / "checkpoints" / "sft"
+    step = stage / "step-00000004"
+    folder = step / "model"
+    m = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+    assert torch.equal(m.lm_head.weight, r.model.lm_head.weight)
+    assert (m.generation_config.eos_token_id, m.generation_config.pad_token_id) == (151645, 151643)
+    p = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    for sub in (p.image_processor, p.video_processor):
+        assert (sub.size.shortest_edge, sub.size.longest_edge) == (3136, 12544)   # the training bounds
+    assert p.tokenizer("Hello, world!").input_ids == [9707, 11, 1879, 0]
+    assert p.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"]) == [
+        151652, 151655, 151656]
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What is held?"}]}]
+    assert p.tokenizer.chat_template == tokenizer.chat_template
+    assert p.apply_chat_template(chat, add_generation_prompt=True) == processor.apply_chat_template(
+        chat, add_generation_prompt=True)
+
+    args = ["--video", str(VIDEOS / "cup.mp4"), "--question", "What is held?", "--out", str(tmp_path / "infer"),
+            "--nframes", "2", "--max-pixels", "3136", "--max-new-tokens", "4", "--device", "cpu"]
+    older = stage / "step-00000002"
+    for path, said in [(run, f"run folder {run} (stage sft) -> stage folder {stage} (latest step-00000004)"),
+                       (stage, f"stage folder {stage} (latest step-00000004)"),
+                       (older, "checkpoint step-00000002"), (folder, "")]:
+        assert infer_main(["--model", str(path)] + args) == 0
+        [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("model: ")]
+        target = older / "model" if path == older else folder
+        assert line.startswith(f"model: {said}") and line.endswith(f"model folder {target}"), line
+    assert (tmp_path / "infer" / "cup_grounding.png").is_file()

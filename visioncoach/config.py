@@ -37,11 +37,30 @@ def _vp_types() -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 @dataclass
+class SourceConfig:
+    # A glob on the record's `source` (fnmatch: "STR_plm_*", "gqa"); the first match wins.
+    match: str = "*"
+    # Folder its `video_path` / `image_path` are relative to.
+    media: str = ""
+    # Folder its key-frame images (`key_frames[].path`) are relative to ("" = data.key_frame_root).
+    key_frames: str = ""
+
+
+@dataclass
 class DataConfig:
     # "synthetic" (the bundled generator) or a path to an STGR-format JSON/JSONL file.
     dataset: str = "synthetic"
-    # Folder that relative `video_path`s in the dataset are resolved against.
+    # Where each record's files are, by its `source` (the released STGR layout has one folder
+    # per source). Records whose source matches no entry use video_root / key_frame_root.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Folder that relative `video_path`s (and `image_path`s) are resolved against when no
+    # data.sources entry matches; "" = the dataset file's folder when data.sources is empty.
     video_root: str = ""
+    # Folder of key-frame images (`key_frames[].path`) when no data.sources entry says; "" =
+    # the media folder. A key frame whose image is missing is decoded from the video at its time.
+    key_frame_root: str = ""
+    # An invalid record is skipped and counted with its file:line; true makes it an error.
+    strict: bool = False
     # Uniform frames per video (paper B.2: 16); annotated key frames are added in time order.
     nframes: int = 16
     # Per-frame pixel budget after resizing (reference: 128 * 28 * 28) and its floor.
@@ -55,7 +74,12 @@ class DataConfig:
     num_workers: int = 2
     # SFT samples per rank per step (RL batches are rollout.prompts_per_step prompts).
     batch_size: int = 1
+    # Prompt budget (paper B.2: 16,384 tokens). A longer prompt drops uniform frames (evenly,
+    # key frames kept) down to data.min_frames (`drop_frames`), or the sample is skipped and
+    # counted (`skip`, or when even data.min_frames frames do not fit).
     max_prompt_tokens: int = 16384
+    prompt_overflow: Literal["drop_frames", "skip"] = "drop_frames"
+    min_frames: int = 4
     shuffle: bool = True
     # Samples the synthetic generator writes (ignored for file datasets).
     synthetic_samples: int = 64
@@ -83,7 +107,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # Local path of a Qwen2.5-VL checkpoint; empty = the tiny random-weight model below.
+    # Local Qwen2.5-VL model folder, or a training checkpoint / stage / run folder (its latest
+    # checkpoint; visioncoach.models.resolve); empty = the tiny random-weight model below.
     path: str = ""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # `auto`: flash_attention_2 when flash-attn and CUDA are present, else sdpa (logged).
@@ -120,6 +145,11 @@ class RewardConfig:
     identity: Literal["soft", "exact", "none"] = "soft"
     # The reward function, "package.module:function" (its contract: visioncoach.rewards.components).
     fn: str = "visioncoach.rewards:score"
+    # Which components make up `total`, what GSPO optimises and the hard bar reads (paper
+    # Table 9 ablates them; eq. 4 sums all four). A subset replaces reward.fn's total with the
+    # sum of the enabled ones; the others are still computed, logged and read by the rules that
+    # name them (gating reads temporal/spatial, top-N ranks by accuracy).
+    components: list[str] = field(default_factory=lambda: ["accuracy", "format", "temporal", "spatial"])
 
 
 @dataclass
@@ -131,6 +161,9 @@ class LossConfig:
     beta: float = 0.04
     # Self-distillation weight alpha (eq. 2; paper: 0.1).
     sd_alpha: float = 0.1
+    # What the distillation NLL conditions on: `prompted` (x', q'), eq. 1 and Algorithm 1
+    # line 16; `raw` (x, q): the prompted rollout's tokens distilled on the raw input.
+    sd_condition: Literal["prompted", "raw"] = "prompted"
     # Optimizer steps per rollout batch (mu). With 1 the GSPO ratio is identically 1.
     updates_per_rollout: int = 1
 
@@ -142,11 +175,24 @@ class VPConfig:
     selector: str = "model"
     selector_path: str = ""
     # A sample is hard when its mean raw-rollout reward is below the threshold (paper: 2.21),
-    # or, in `percentile` mode, below that percentile of the running reward distribution.
-    hard_mode: Literal["absolute", "percentile"] = "absolute"
+    # or, in `percentile` mode, below that percentile of the running reward distribution, or,
+    # in `relative` mode, below threshold x the most its task can score (accuracy + format, +
+    # temporal with ground-truth times, + spatial with annotated boxes; enabled components
+    # only): MCQ / free-form records top out at 2, so the absolute 2.21 marks them all hard.
+    hard_mode: Literal["absolute", "percentile", "relative"] = "absolute"
     hard_threshold: float = 2.21
+    # `promptable`: only samples on which the chooser can draw one of its types go through the
+    # hard gate (the reference release gates only such ids); `all`: every sample does.
+    hard_eligible: Literal["promptable", "all"] = "promptable"
+    # The candidates C: `spa_tmp_acc` (default; appendix B.2, what the paper trained with: the
+    # mean of r_spa, r_tmp, r_acc of a prompted rollout above the raw rollouts' mean of it) or
+    # `total` (Algorithm 1 line 13 as written: R'_g above the raw mean R).
+    candidate_reward: Literal["spa_tmp_acc", "total"] = "spa_tmp_acc"
     # Distill the top-N improved prompted rollouts, ranked by answer reward (paper: 2).
     top_n: int = 2
+    # Frame numbers (frame_index types) on every model frame (`all`; appendix C.1: "we overlay
+    # frame indices on each video frame") or on the key frames only (`key`).
+    numpro_frames: Literal["all", "key"] = "all"
     # Default: every type of the visual-prompt table (the paper's pool V).
     types: list[str] = field(default_factory=_vp_types)
     darken_factor: float = 0.3
@@ -192,6 +238,9 @@ class LogConfig:
     # Checkpoints kept per stage (the newest); older ones are deleted after a new one is
     # published. 0 keeps all.
     keep_checkpoints: int = 2
+    # LoRA only: every checkpoint also holds merged/, the adapters merged into the base weights
+    # with the processor (a from_pretrained folder that inference loads without peft).
+    export_merged: bool = False
     # "" = fresh run, "auto" = latest checkpoint in output_dir, or a checkpoint path.
     resume: str = ""
 
@@ -220,6 +269,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r}: {msg}")
 
     need(cfg.data.nframes >= 1, "data.nframes", f"must be >= 1, got {cfg.data.nframes}")
+    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    need(cfg.data.min_frames >= 1, "data.min_frames", f"must be >= 1, got {cfg.data.min_frames}")
+    for i, src in enumerate(cfg.data.sources):
+        need(bool(src.match), f"data.sources[{i}].match", "must be a non-empty glob on the record's source")
+        need(bool(src.media), f"data.sources[{i}].media", f"must name the folder of source {src.match!r}'s files")
     need(cfg.data.min_pixels <= cfg.data.max_pixels, "data.min_pixels",
          f"{cfg.data.min_pixels} exceeds data.max_pixels {cfg.data.max_pixels}")
     need(cfg.rollout.num_generations >= 2, "rollout.num_generations",
@@ -255,6 +309,14 @@ def _validate(cfg: Config) -> None:
     if cfg.vp.hard_mode == "percentile":
         need(0 <= cfg.vp.hard_threshold <= 100, "vp.hard_threshold",
              "is a percentile in [0, 100] when vp.hard_mode is percentile")
+    if cfg.vp.hard_mode == "relative":
+        need(0 < cfg.vp.hard_threshold <= 1, "vp.hard_threshold",
+             "is a fraction in (0, 1] of the attainable reward when vp.hard_mode is relative "
+             f"(the paper's 2.21 of 4 is 0.5525), got {cfg.vp.hard_threshold}")
+    comps = cfg.reward.components
+    known = ("accuracy", "format", "temporal", "spatial")
+    need(bool(comps) and all(c in known for c in comps) and len(set(comps)) == len(comps),
+         "reward.components", f"must be distinct names out of {list(known)} (at least one), got {comps}")
     need(0 <= cfg.vp.darken_factor <= 1, "vp.darken_factor", "must be in [0, 1]")
     need(cfg.optim.lr > 0 and cfg.optim.sft_lr > 0, "optim.lr", "learning rates must be > 0")
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",

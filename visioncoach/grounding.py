@@ -52,7 +52,7 @@ import torch
 __all__ = [
     "Claim", "Parsed", "ClaimBatch", "ParsedBatch", "parse", "parse_batch", "parse_texts",
     "claim_batch", "native_available", "BACKENDS",
-    "parse_number", "parse_box", "first_box", "first_segment", "option_letter",
+    "parse_number", "parse_box", "first_box", "first_segment", "option_letter", "answer_letter",
     "normalize_name", "to_f32",
 ]
 
@@ -71,6 +71,8 @@ _F32 = struct.Struct("<f")
 _MAX_ERRORS = 32
 _LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _LETTER_END = frozenset(".)]:")
+# ASCII-only case folding: with Unicode IGNORECASE, "K" (Kelvin sign) would match "k".
+_CORRECT_OPTION = re.compile(r"correct\s*+option\s*+:", re.IGNORECASE | re.ASCII)
 
 Box = tuple[float, float, float, float]
 
@@ -149,6 +151,21 @@ def option_letter(text: str) -> str | None:
                 return c.upper()
             return None
     return None
+
+
+def answer_letter(text: str) -> str | None:
+    """The option letter an MCQ answer (a prediction or a ground truth) gives, upper-cased,
+    or None: r_acc of the MCQ tasks compares two of these.
+
+    With a "Correct Option:" marker (case-insensitive, spaces optional around the colon),
+    ``option_letter`` of the text after the first marker, so "From <t>3.2</t>s to
+    <t>7.5</t>s.\\nCorrect Option: (B)" gives B (Open-o3-Video's temporal-MCQ form); a marker
+    with no valid letter after it gives None, not a letter from before it. Without a marker,
+    ``option_letter`` of the whole text ("B\\n[3.2, 7.5]", STGR's temporal-MCQ ground truth,
+    gives B).
+    """
+    m = _CORRECT_OPTION.search(text)
+    return option_letter(text[m.end():] if m else text)
 
 
 def normalize_name(name: str) -> str:

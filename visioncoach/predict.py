@@ -3,7 +3,9 @@
 
 The paper's single inference pathway (section 4): uniform frames of the raw video (no visual
 prompt), the training prompt template (``visioncoach.templates``), greedy decoding through our
-rollout engine (``generate_group`` with G = 1). Writes one JSONL line per benchmark item, in
+rollout engine (``generate_group`` with G = 1). ``--vp TYPE`` or ``--selector DIR`` instead
+draws a visual prompt on each item and appends its hint (plug-and-play, paper Table 6;
+``visioncoach.selector.plug``). Writes one JSONL line per benchmark item, in
 the format ``python -m visioncoach.eval`` reads (see ``visioncoach.eval.charades``, ``.vstar``,
 ``.mcq``), each with the raw model text.
 
@@ -42,8 +44,9 @@ from visioncoach.eval import charades as charades_eval
 from visioncoach.eval import mcq as mcq_eval
 from visioncoach.eval import vstar as vstar_eval
 from visioncoach.eval.common import EvalInputError, answer_text
-from visioncoach.grounding import Claim, first_segment, option_letter, parse
+from visioncoach.grounding import Claim, answer_letter, first_segment, parse
 from visioncoach.templates import user_text
+from visioncoach.vp.spec import add_hint
 from visioncoach.rollout.prompt import VisionFeatures
 from visioncoach.rollout.session import Session, load_session
 
@@ -90,6 +93,12 @@ class Item:
     video: Path
     record: dict       # fields every output line of this item starts with (id, vid, ...)
     data: object       # what the benchmark's predict function reads
+    vp: str | None = None   # the visual prompt drawn on its frames (--vp / --selector): hint appended
+
+
+def _hinted(item: Item, question: str) -> str:
+    """``question`` with the hint of the item's visual prompt (``vp.add_hint``), if any."""
+    return add_hint(question, item.vp) if item.vp else question
 
 
 def charades_items(ann: str | Path, find: VideoFinder) -> list[Item]:
@@ -116,7 +125,8 @@ Vision = VisionFeatures | None
 def predict_charades(session: Session, clip: DecodedClip, item: Item, vision: Vision) -> tuple[dict, Vision]:
     """Temporal grounding of one query: the segment is the first span in the answer."""
     q: charades_eval.CharadesQuery = item.data
-    text = user_text(f'Find the moment in the video when this happens: "{q.query}".', "temporal QA")
+    text = user_text(_hinted(item, f'Find the moment in the video when this happens: "{q.query}".'),
+                     "temporal QA")
     out, _, vision = session.generate(clip, text, vision)
     seg = first_segment(answer_text(out))
     return {**item.record, "pred": list(seg) if seg else None, "output": out}, vision
@@ -124,9 +134,9 @@ def predict_charades(session: Session, clip: DecodedClip, item: Item, vision: Vi
 
 def predict_mcq(session: Session, clip: DecodedClip, item: Item, vision: Vision) -> tuple[dict, Vision]:
     it: mcq_eval.MCQItem = item.data
-    text = user_text(it.question.strip() + "\n" + "\n".join(it.options), "General video QA MCQ")
+    text = user_text(_hinted(item, it.question.strip() + "\n" + "\n".join(it.options)), "General video QA MCQ")
     out, _, vision = session.generate(clip, text, vision)
-    return {**item.record, "pred": option_letter(answer_text(out)), "output": out}, vision
+    return {**item.record, "pred": answer_letter(answer_text(out)), "output": out}, vision
 
 
 def _rescale(box, src: tuple[float, float], dst: tuple[float, float], ndigits: int = 1) -> list[float]:
@@ -178,7 +188,7 @@ def predict_vstar(session: Session, clip: DecodedClip, item: Item, vision: Visio
 
     def ask(name: str, question: str, task: str) -> str:
         nonlocal vision, frame_size
-        outputs[name], frame_size, vision = session.generate(clip, user_text(question, task), vision)
+        outputs[name], frame_size, vision = session.generate(clip, user_text(_hinted(item, question), task), vision)
         return outputs[name]
 
     what = ask("what", it.question, "General video QA Free-form")
@@ -305,13 +315,17 @@ def run(session: Session, items: list[Item], predict: PredictFn, out: str | Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m visioncoach.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", required=True, choices=BENCHES)
-    p.add_argument("--model", required=True, help="local checkpoint folder (model + processor)")
+    p.add_argument("--model", required=True,
+                   help="local model folder (model + processor), or a training checkpoint step-N, "
+                        "stage folder checkpoints/<stage> or run folder (its latest checkpoint)")
     p.add_argument("--videos", required=True, help="folder holding the benchmark's videos")
     p.add_argument("--ann", required=True, help="annotations: Charades txt, V-STAR JSON or MCQ JSONL")
     p.add_argument("--out", required=True, help="predictions JSONL (appended to; resumable)")
     p.add_argument("--nframes", type=int, default=16, help="uniform frames per video (default 16)")
-    p.add_argument("--min-pixels", type=int, default=3136)
-    p.add_argument("--max-pixels", type=int, default=100352, help="pixel budget per frame (default 128*28*28)")
+    p.add_argument("--min-pixels", type=int, default=None,
+                   help="pixel floor per frame (default: the checkpoint processor's, as trained)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="pixel budget per frame (default: the checkpoint processor's, as trained)")
     p.add_argument("--layout", choices=("frames", "video"), default="frames")
     p.add_argument("--max-new-tokens", type=int, default=768)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -320,13 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", choices=("pyav", "dali", "auto"), default="pyav")
     p.add_argument("--workers", type=int, default=2, help="decoding threads running ahead (PyAV)")
     p.add_argument("--limit", type=int, help="predict at most this many items of those not done")
+    vp = p.add_mutually_exclusive_group()   # plug-and-play visual prompting (Table 6; selector/plug.py)
+    vp.add_argument("--vp", metavar="TYPE", help="draw this visual prompt on each item (its hint appended)")
+    vp.add_argument("--selector", metavar="DIR", help="a trained VP-Selector picks each item's visual prompt")
+    p.add_argument("--numpro-frames", choices=("all", "key"), default="all",
+                   help="frame numbers on every frame (paper C.1) or on key frames only")
+    p.add_argument("--clip-path", help="local CLIP checkpoint, for api_prompt")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag in ("nframes", "max_new_tokens", "min_pixels", "max_pixels"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     make_items, predict = BENCH[args.bench]
@@ -337,13 +357,30 @@ def main(argv: list[str] | None = None) -> int:
         session = load_session(args.model, device=args.device, dtype=args.dtype, attn=args.attn,
                              nframes=args.nframes, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                              layout=args.layout, max_new_tokens=args.max_new_tokens, decoder=args.decoder)
+        plug = _plug_and_play(args, session.device) if args.vp or args.selector else None
     except (EvalInputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    counts = run(session, items, predict, args.out, workers=args.workers, limit=args.limit, desc=args.bench)
+    print(f"model: {session.source}")
+    counts = run(session, items, plug.wrap(predict) if plug else predict, args.out, workers=args.workers,
+                 limit=args.limit, desc=args.bench)
     print(f"{args.out}: {counts['written']} lines written ({counts['failed']} failed), "
           f"{counts['skipped']} already done, {counts['total']} items in {args.ann}")
+    if plug is not None:
+        print(plug.summary())
     return 0
+
+
+def _plug_and_play(args, device):
+    """The ``--vp`` / ``--selector`` visual prompting of every item (``selector.plug``); a bad
+    flag is an ``EvalInputError`` naming it."""
+    from visioncoach.selector.plug import PlugAndPlay
+
+    try:
+        return PlugAndPlay.build(vp=args.vp, selector=args.selector, clip_path=args.clip_path,
+                                 numpro_frames=args.numpro_frames, device=device)
+    except ValueError as exc:
+        raise EvalInputError(str(exc)) from None
 
 
 if __name__ == "__main__":

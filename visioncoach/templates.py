@@ -13,6 +13,8 @@ rewards score.
 
 from __future__ import annotations
 
+import re
+
 SYSTEM_PROMPT = (
     "You are a video reasoning assistant. Think step by step inside <think></think>, then give "
     "the final answer inside <answer></answer>. While thinking, ground each piece of visual "
@@ -47,3 +49,47 @@ def user_text(question: str, task: str, hint: str = "") -> str:
         parts.append(hint.strip())
     parts.append(ANSWER_FORMAT[task])
     return " ".join(parts)
+
+
+_BOX_TAG = re.compile(r"<box>(.*?)</box>", re.S)
+_LIST = re.compile(r"\[([^\[\]<>]*)\]")
+_PLAIN_NUMBER = re.compile(r"\s*[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*")
+
+
+def boxes_to_pixels(text: str, sx: float, sy: float, *, bare: bool = False) -> str:
+    """``text`` with every box ``[x1, y1, x2, y2]`` inside ``<box>`` tags (and, with ``bare``,
+    every 4-number list anywhere) mapped to integer pixels of the frame the model sees: x
+    multiplied by ``sx``, y by ``sy``, rounded (Python's ``round``: half to even) and written
+    without spaces, ``[x1,y1,x2,y2]``, as the reference writes them before tokenizing. Video
+    records store normalized [0, 1] boxes (sx, sy = the frame's W, H); image records store
+    pixels of the original image (sx, sy = frame W / image W, frame H / image H). Anything that
+    is not 4 plain numbers is left as it is."""
+    def convert(m: re.Match) -> str:
+        parts = m.group(1).split(",")
+        if len(parts) != 4 or not all(_PLAIN_NUMBER.fullmatch(p) for p in parts):
+            return m.group(0)
+        scale = (sx, sy, sx, sy)
+        return "[" + ",".join(str(round(float(p) * k)) for p, k in zip(parts, scale)) + "]"
+
+    if bare:
+        return _LIST.sub(convert, text)
+    return _BOX_TAG.sub(lambda m: "<box>" + _LIST.sub(convert, m.group(1)) + "</box>", text)
+
+
+def sft_target(record, frame_size: tuple[float, float]) -> str:
+    """The SFT target text of an STGR record for frames of ``frame_size`` = (W, H), the
+    reference's: ``<think>`` + reasoning + ``</think>\\n<answer>`` + answer + ``</answer>``, its
+    boxes in pixels of the model's frames (``boxes_to_pixels``; an image record's answer box
+    too, since the visual-QA reward compares boxes in those pixels). A ``reasoning_process``
+    that already carries think/answer tags is the whole target as it is."""
+    reasoning, answer = record["reasoning_process"], record["answer"]
+    if "<think>" in reasoning or "<answer>" in reasoning:
+        return reasoning
+    w, h = (float(v) for v in frame_size)
+    if "video_path" not in record and record.get("image_size"):
+        iw, ih = (float(v) for v in record["image_size"])
+        sx, sy = w / iw, h / ih
+        answer = boxes_to_pixels(answer, sx, sy, bare=True)
+    else:
+        sx, sy = w, h
+    return f"<think>{boxes_to_pixels(reasoning, sx, sy)}</think>\n<answer>{answer}</answer>"

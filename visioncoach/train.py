@@ -54,22 +54,12 @@ def param_checksum(model: torch.nn.Module) -> torch.Tensor:
 
 
 def prepare_dataset(cfg, dist_info, sft: bool | None = None):
-    """The STGR dataset of ``data.dataset``; rank 0 generates the synthetic one first.
-    ``sft``: require SFT reasoning in every record (default: unless the stage is RL only)."""
-    import torch.distributed as dist
+    """The STGR dataset of ``data.dataset`` (``data.stgr.load_configured``). ``sft``: require
+    SFT reasoning in every record (default: unless the stage is RL only)."""
+    from visioncoach.data.stgr import load_configured
 
-    from visioncoach.data.stgr import load_stgr
-    from visioncoach.data.synthetic import ensure_synthetic
-
-    if cfg.data.dataset == "synthetic":
-        if dist_info.is_main:
-            ensure_synthetic(cfg.data.synthetic_samples, cfg.seed)
-        if dist_info.backend is not None:
-            dist.barrier()
-        path = ensure_synthetic(cfg.data.synthetic_samples, cfg.seed)
-    else:
-        path = cfg.data.dataset
-    return load_stgr(path, cfg.data.video_root or None, sft=cfg.stage != "rl" if sft is None else sft)
+    return load_configured(cfg.data, cfg.seed, sft=cfg.stage != "rl" if sft is None else sft,
+                           dist_info=dist_info)
 
 
 HELDOUT_SAMPLES = 16
@@ -125,6 +115,7 @@ def rl_summary(history: list[dict], steps: int) -> dict:
     return {"steps": steps, "window": k,
             "reward": {key: {"first": round(mean(rows[:k], key), 4), "last": round(mean(rows[-k:], key), 4)}
                        for key in REWARD_KEYS},
+            "eligible_frac": round(sum(m.get("eligible_frac", 1.0) for m in rows) / max(1, len(rows)), 4),
             "hard_frac": round(sum(m["hard_frac"] for m in rows) / max(1, len(rows)), 4),
             "vp_counts": dict(sum((Counter(m.get("vp_counts", {})) for m in rows), Counter())),
             "vp_rollouts": sum(m.get("vp_rollouts", 0) for m in rows),
@@ -146,13 +137,18 @@ def ranks_identical(model, dist_info) -> bool:
     return same
 
 
+PREFLIGHT_SAMPLES = 8
+
+
 def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
-    """Checks every rank holds the same weights and that the data path runs end to end."""
+    """Checks every rank holds the same weights and that the data path runs end to end: the
+    first of the first ``PREFLIGHT_SAMPLES`` records that loads goes through the training
+    path (decode, prompt budget, model inputs) and one forward and backward. Records that
+    fail here are said; only when none of them loads does the run stop."""
     import torch.distributed as dist
 
-    from visioncoach.data.decode import decode
-    from visioncoach.processor import build_inputs
-    from visioncoach.templates import user_text
+    from visioncoach.data.loader import ClipDataset, SampleFailure
+    from visioncoach.processor import fit_prompt_budget, sample_inputs
 
     checksum = param_checksum(model)
     if dist_info.backend is not None:
@@ -162,14 +158,26 @@ def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
             if not torch.allclose(other, checksum, rtol=1e-12, atol=0):
                 raise RuntimeError(f"rank {r} built different weights than rank {dist_info.rank} "
                                    f"(checksums {other.tolist()} vs {checksum.tolist()})")
-    rec = dataset.records[0]
     t0 = time.perf_counter()
-    clip = decode(dataset.video(0), nframes=cfg.data.nframes,
-                  key_times=[kf["time"] for kf in rec.get("key_frames") or []])
-    model_inputs = build_inputs(clip.frames.to(dist_info.device), clip.times, clip.duration,
-                                user_text(rec["question"], rec["task"]), tokenizer,
-                                layout=cfg.data.layout, min_pixels=cfg.data.min_pixels,
-                                max_pixels=cfg.data.max_pixels)
+    clips = ClipDataset(dataset, cfg.data.nframes, backend=cfg.data.decoder)
+    failed, sample = [], None
+    for i in range(min(len(dataset), PREFLIGHT_SAMPLES)):
+        s = clips[i]
+        try:
+            if isinstance(s, SampleFailure):
+                raise ValueError(s.reason)
+            sample = fit_prompt_budget(s, tokenizer, cfg.data)
+            break
+        except ValueError as exc:
+            failed.append(f"{dataset.where(i)}: {dataset.records[i]['id']}: {exc}")
+    if failed:
+        log.warning("preflight: %d record(s) could not be prepared (they will be skipped and "
+                    "counted in training): %s", len(failed), "; ".join(failed))
+    if sample is None:
+        raise RuntimeError(f"preflight: none of the first {len(failed)} records could be prepared: "
+                           + "; ".join(failed))
+    model_inputs = sample_inputs(sample, sample.frames.to(dist_info.device), sample.record["question"],
+                                 tokenizer, cfg.data)
     data_s = time.perf_counter() - t0
     inputs = model_inputs.tensors
     t0 = time.perf_counter()
@@ -180,10 +188,10 @@ def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
     loss = float(out.loss.detach())  # start-up only: the training loop never syncs per step
     if not torch.isfinite(torch.tensor(loss)):
         raise RuntimeError(f"preflight forward gave a non-finite loss ({loss})")
-    return {"ranks_identical": True, "param_sum": checksum[0].item(), "sample": rec["id"],
-            "frames": len(clip), "frame_size": model_inputs.frame_size,
+    return {"ranks_identical": True, "param_sum": checksum[0].item(), "sample": sample.record["id"],
+            "frames": int(sample.frames.shape[0]), "frame_size": model_inputs.frame_size,
             "tokens": int(inputs["input_ids"].numel()), "decode_prep_s": round(data_s, 3),
-            "loss": loss, "fwd_bwd_s": round(elapsed, 3)}
+            "loss": loss, "fwd_bwd_s": round(elapsed, 3), "records_failed": len(failed)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,9 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         if print_config:
             print(config_lib.to_yaml(cfg), end="")
             return 0
-        from visioncoach.rewards.components import load_reward_fn
+        from visioncoach.rewards.components import load_reward_fn, with_components
 
-        reward_fn = load_reward_fn(cfg.reward.fn)
+        # reward.components applied once, here: RL and the held-out check see the same total.
+        reward_fn = with_components(load_reward_fn(cfg.reward.fn), cfg.reward.components)
+        if cfg.model.path:
+            from visioncoach.models.resolve import ModelDirError, resolve_model_dir
+
+            try:
+                resolve_model_dir(cfg.model.path)
+            except ModelDirError as exc:
+                raise config_lib.ConfigError(f"config key 'model.path': {exc}") from None
     except (config_lib.ConfigError, ValueError) as exc:
         print(f"visioncoach.train: config error: {exc}", file=sys.stderr)
         return 2
@@ -217,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist_info.is_main:
             write_text_atomic(out_dir / "config.yaml", config_lib.to_yaml(cfg))
         dataset = prepare_dataset(cfg, dist_info)
-        log.info("dataset %s: %d records (%d skipped: video missing)", dataset.path, len(dataset),
-                 len(dataset.missing_videos))
+        log.info("dataset %s: %d records (%d skipped: media missing; %d skipped: invalid)",
+                 dataset.path, len(dataset), len(dataset.missing_videos), len(dataset.skipped))
         model, processor, info = build_policy(cfg.model, cfg.data, dist_info.device, seed=cfg.seed)
         report = preflight(model, processor.tokenizer, dataset, cfg, dist_info)
         log.info("preflight: %s", report)
@@ -233,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             if heldout is not None:
                 summary["heldout_format_before_sft"] = heldout_format_reward(model, processor.tokenizer,
                                                                              heldout, cfg, reward_fn)
-            runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir)
+            runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir,
+                               processor=processor)
             runner.maybe_resume(cfg.log.resume)
             history = [m for m in runner.run() if m["loss"] is not None]
             if history:
@@ -259,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
             rl_data = dataset if cfg.stage == "rl" else prepare_dataset(cfg, dist_info, sft=False)
             runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir,
-                              reward_fn=reward_fn)
+                              reward_fn=reward_fn, processor=processor)
             runner.maybe_resume(cfg.log.resume)
             history = runner.run()
             summary["rl"] = rl_summary(history, runner.step)

@@ -47,8 +47,10 @@ def decode_pyav(path: str | Path, nframes: int = 16, key_times: Sequence[float] 
     if not path.is_file():
         raise DecodeError(path, "file not found")
     for kt in key_times:
-        if not math.isfinite(kt) or kt < 0:
-            raise DecodeError(path, f"key frame time {kt!r} is not a finite non-negative number")
+        # Beyond a week a time cannot be a frame of a real video, and seeking there would
+        # overflow the stream's int64 timestamps.
+        if not math.isfinite(kt) or not 0 <= kt <= 7 * 24 * 3600:
+            raise DecodeError(path, f"key frame time {kt!r} is not a number of seconds in [0, 604800]")
     container, stream = open_video(str(path), path)
     try:
         stream.thread_type = "AUTO"

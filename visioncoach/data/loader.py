@@ -4,18 +4,25 @@ Decoding runs in DataLoader workers (PyAV on CPU); a sample whose video cannot b
 returned as a ``SampleFailure`` instead of raising, so one bad file costs one sample, never
 the epoch: the training loop counts failures and logs them. Sharding across ranks is
 deterministic in (seed, epoch), so a resumed run sees the same order.
+
+A video record gives ``nframes`` uniform frames plus its key frames in time order: a key frame
+whose image file the record names (``key_frames[].path``, found through the dataset's sources)
+is read and resized to the video's frame size, as the reference does; the others are decoded
+at their times. An image record gives its one image. ``ClipSample.meta`` says which files were
+opened and where each key frame came from.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from visioncoach.data.clip import DecodedClip, insert_frames, read_image
 from visioncoach.data.decode import DecodeError, decode
 from visioncoach.data.stgr import STGRDataset
 
@@ -37,6 +44,9 @@ class ClipSample:
     # (a ``rewards.records.Record`` from the dataset's ``targets``), converted once, in the
     # worker, so the reward never re-validates it per rollout; None without ``targets``.
     reward_record: Any = None
+    kind: str = "video"    # or "image": one image, no time axis (visual QA records)
+    # Files opened ("media", "key_frame_images") and, per key frame, "image" or "decoded".
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -64,9 +74,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, i: int) -> ClipSample | SampleFailure:
         rec = self.data.records[i]
         try:
-            clip = decode(self.data.video(i), nframes=self.nframes,
-                          key_times=[kf["time"] for kf in rec.get("key_frames") or []],
-                          backend=self.backend, max_side=self.max_side)
+            clip, meta = self._image(i) if self.data.is_image(i) else self._video(i)
         except DecodeError as exc:
             return SampleFailure(i, rec["id"], exc.reason)
         reward_record = None
@@ -75,7 +83,28 @@ class ClipDataset(Dataset):
                 reward_record = self.targets(rec, i, clip.frames)
             except ValueError as exc:  # validated at load; only a frame size can fail here
                 return SampleFailure(i, rec["id"], f"reward record: {exc}")
-        return ClipSample(i, rec, clip.frames, clip.times, clip.is_key, clip.duration, reward_record)
+        return ClipSample(i, rec, clip.frames, clip.times, clip.is_key, clip.duration, reward_record,
+                          kind="image" if self.data.is_image(i) else "video", meta=meta)
+
+    def _video(self, i: int) -> tuple[DecodedClip, dict]:
+        rec = self.data.records[i]
+        key_frames = sorted(rec.get("key_frames") or [], key=lambda kf: float(kf["time"]))
+        files = [self.data.key_frame_image(i, kf) for kf in key_frames]
+        media = self.data.media(i)
+        clip = decode(media, nframes=self.nframes, backend=self.backend, max_side=self.max_side,
+                      key_times=[kf["time"] for kf, f in zip(key_frames, files) if f is None])
+        size = tuple(clip.frames.shape[1:3])
+        images = [read_image(f, size=size) for f in files if f is not None]
+        clip = insert_frames(clip, images, [float(kf["time"]) for kf, f in zip(key_frames, files) if f is not None])
+        return clip, {"media": str(media), "key_frame_images": [str(f) for f in files if f is not None],
+                      "key_frames": [{"time": float(kf["time"]), "from": "decoded" if f is None else "image"}
+                                     for kf, f in zip(key_frames, files)]}
+
+    def _image(self, i: int) -> tuple[DecodedClip, dict]:
+        media = self.data.media(i)
+        frame = read_image(media, max_side=self.max_side)
+        clip = DecodedClip(frame[None], torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.bool), 0.0)
+        return clip, {"media": str(media), "key_frame_images": [], "key_frames": []}
 
 
 class ShardSampler(Sampler[int]):

@@ -8,8 +8,10 @@ Ground truth (also ``visioncoach.predict --bench mcq``'s input): JSONL, one ques
      "answer": "B" (or "B. ..."), "category": "..." (optional)}
 
 Predictions: JSONL ``{"id": ..., "pred": "B", "output": "<raw model text>"}``; ``pred`` is
-scored, and without a ``pred`` key the letter is read from the output's answer
-(``grounding.option_letter``). Letters compare case-insensitively.
+scored, and without a ``pred`` key the letter is read from the output's answer. A prediction's
+letter is ``grounding.answer_letter`` (the letter after "Correct Option:" when the text has
+one, so Open-o3-Video-style answers are not misread; else ``grounding.option_letter``); the
+ground truth's is ``option_letter``. Letters compare case-insensitively.
 
     acc            = 100 * (1/N) sum_i [pred_i == answer_i]          over all N questions
     acc(category)  = the same over the questions of that category
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from visioncoach.eval.common import (EvalInputError, Problems, answer_text, format_table,
                                      index_predictions, read_jsonl)
-from visioncoach.grounding import option_letter
+from visioncoach.grounding import answer_letter, option_letter
 
 __all__ = ["MCQItem", "read_items", "option_lines", "load_predictions", "mcq_metrics", "evaluate", "table"]
 
@@ -113,12 +115,12 @@ def load_predictions(path: str | Path, items: list[MCQItem], problems: Problems)
             problems.add(where, f"id {it.id!r}: prediction failed ({str(rec['error'])[:120]})",
                          "prediction failed")
         elif "pred" in rec:
-            letter = option_letter(rec["pred"]) if isinstance(rec["pred"], str) else None
+            letter = answer_letter(rec["pred"]) if isinstance(rec["pred"], str) else None
             if letter is None:
                 problems.add(where, f"id {it.id!r}: 'pred' {str(rec['pred'])[:40]!r} is no option letter",
                              "no letter")
         elif isinstance(rec.get("output"), str):
-            letter = option_letter(answer_text(rec["output"]))
+            letter = answer_letter(answer_text(rec["output"]))
             if letter is None:
                 problems.add(where, f"id {it.id!r}: no option letter in the output's answer", "no letter")
         else:

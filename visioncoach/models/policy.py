@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
 
 import torch
 
@@ -32,23 +31,21 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def build_policy(cfg: ModelConfig, data: DataConfig, device: torch.device, seed: int = 0):
-    """(model, processor, info). ``cfg.path`` empty = tiny random-weight model (seeded)."""
+    """(model, processor, info). ``cfg.path`` empty = tiny random-weight model (seeded); else any
+    folder ``visioncoach.models.resolve`` accepts (model, checkpoint, stage or run folder; a
+    LoRA adapter is merged), ``info["source"]`` saying which it resolved."""
     from visioncoach.models.tiny import build_processor, build_tiny_model
 
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.path:
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from visioncoach.models.resolve import load_model_dir, resolve_model_dir
 
-        path = Path(cfg.path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"config key 'model.path': {path} is not a local checkpoint folder "
-                                    "(nothing is downloaded at run time)")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn, local_files_only=True)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True,
-                                                  min_pixels=data.min_pixels, max_pixels=data.max_pixels)
-        kind = str(path)
+        # A model, checkpoint, stage or run folder (ModelDirError naming what is missing).
+        resolved = resolve_model_dir(cfg.path)
+        model, processor = load_model_dir(resolved, dtype=dtype, attn=attn, min_pixels=data.min_pixels,
+                                          max_pixels=data.max_pixels)
+        kind, source = str(resolved.folder), resolved.what
     else:
         t = cfg.tiny
         model = build_tiny_model(seed=seed, dtype=dtype, hidden_size=t.hidden_size,
@@ -56,14 +53,14 @@ def build_policy(cfg: ModelConfig, data: DataConfig, device: torch.device, seed:
                                  num_kv_heads=t.num_kv_heads, vision_depth=t.vision_depth,
                                  vision_hidden_size=t.vision_hidden_size, attn_implementation=attn)
         processor = build_processor(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
-        kind = "tiny random-weight Qwen2.5-VL"
+        kind = source = "tiny random-weight Qwen2.5-VL"
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
         kind += f" + LoRA r={cfg.lora.r}"
     model.to(device)
-    info = {"model": kind, "attn_implementation": model.config._attn_implementation,
+    info = {"model": kind, "source": source, "attn_implementation": model.config._attn_implementation,
             "dtype": str(dtype).removeprefix("torch."),
             "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}

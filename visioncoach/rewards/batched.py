@@ -38,8 +38,8 @@ from visioncoach.kernels.claim_iou import claim_iou, pairwise_iou  # the one IoU
 from visioncoach.kernels.temporal_reward import temporal_point_reward
 
 from visioncoach.config import RewardConfig
-from visioncoach.grounding import (BACKENDS, ClaimBatch, first_box, first_segment,
-                                   normalize_name, option_letter, parse_texts)
+from visioncoach.grounding import (BACKENDS, ClaimBatch, answer_letter, first_box, first_segment,
+                                   normalize_name, parse_texts)
 from visioncoach.rewards.components import ACCURACY, FORMAT, SPATIAL, TEMPORAL, TOTAL
 from visioncoach.rewards.records import (FREE_FORM_TASKS, MCQ_TASKS, TEMPORAL_SPATIAL_TASK,
                                          Record, convert)
@@ -352,7 +352,7 @@ def _accuracy(answers: Sequence[str | None], records: Sequence[Record], index: S
             rec = records[r]
             value = 0.0
             if rec.task in MCQ_TASKS:
-                letter = option_letter(answer)
+                letter = answer_letter(answer)
                 value = 1.0 if letter is not None and letter == rec.gt_letter else 0.0
             elif rec.task in FREE_FORM_TASKS:
                 key = (answer, rec.answer)

@@ -15,11 +15,12 @@ import importlib
 from collections.abc import Mapping
 from typing import Callable
 
-__all__ = ["ACCURACY", "FORMAT", "TEMPORAL", "SPATIAL", "TOTAL", "REWARD_KEYS", "DEFAULT_REWARD_FN",
-           "RewardFn", "load_reward_fn", "check_rewards"]
+__all__ = ["ACCURACY", "FORMAT", "TEMPORAL", "SPATIAL", "TOTAL", "REWARD_KEYS", "COMPONENTS",
+           "DEFAULT_REWARD_FN", "RewardFn", "load_reward_fn", "check_rewards", "with_components"]
 
 ACCURACY, FORMAT, TEMPORAL, SPATIAL, TOTAL = "accuracy", "format", "temporal", "spatial", "total"
 REWARD_KEYS = (ACCURACY, FORMAT, TEMPORAL, SPATIAL, TOTAL)
+COMPONENTS = (ACCURACY, FORMAT, TEMPORAL, SPATIAL)     # what eq. 4 sums (``reward.components``)
 DEFAULT_REWARD_FN = "visioncoach.rewards:score"
 
 RewardFn = Callable[..., Mapping]
@@ -55,3 +56,26 @@ def check_rewards(out: Mapping, n: int, where: str) -> None:
            if tuple(getattr(out[k], "shape", ())) != (n,)}
     if bad:
         raise ValueError(f"{where} returned components of shapes {bad}, expected ({n},) each")
+
+
+def with_components(fn: RewardFn, components) -> RewardFn:
+    """``fn`` with ``total`` = the sum of ``components`` (``reward.components``, paper Table 9),
+    the one place every consumer's total comes from (RL and train.py's held-out check).
+
+    All four components: ``fn`` unchanged (its own total; ours is that sum). A subset: the
+    other components stay in the output as ``fn`` computed them (logged, and read by rules that
+    name them), only ``total`` changes. Wrapping a wrapped function re-wraps the original."""
+    enabled = tuple(c for c in COMPONENTS if c in components)
+    base = getattr(fn, "reward_base", fn)
+    if enabled == COMPONENTS:
+        return base
+
+    def restricted(texts, records, cfg, progress=0.0):
+        out = dict(base(texts, records, cfg, progress))
+        check_rewards(out, len(texts), "the reward function (config key 'reward.fn')")
+        out[TOTAL] = sum((out[c].float() for c in enabled[1:]), out[enabled[0]].float())
+        return out
+
+    restricted.reward_base = base
+    restricted.components = enabled
+    return restricted

@@ -3,7 +3,9 @@
 A record (one per prompt, shared by its G rollouts) has
 
     task        one of TASKS (required)
-    answer      str (required): option letter, free text, "[s, e]", or a box
+    answer      str (required): option letter, free text, "[s, e]", or a box; temporal QA also
+                "From <t>s</t>s to <t>e</t>s"; temporal QA (MCQ) "B\\n[s, e]" (STGR) or
+                "From <t>s</t>s to <t>e</t>s.\\nCorrect Option: B" (Open-o3-Video)
     frame_size  [W, H] of the frames the model saw, after resizing (required)
     image_size  [W, H] of the source image (optional; visual QA answers are in its pixels)
     key_frames  [{idx: int, time: seconds, ...}, ...] (optional)
@@ -21,7 +23,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from visioncoach.grounding import Box, first_box, first_segment, to_f32
+from visioncoach.grounding import Box, answer_letter, first_box, first_segment, to_f32
 
 __all__ = ["TASKS", "MCQ_TASKS", "FREE_FORM_TASKS", "TEMPORAL_QA_TASKS", "VISUAL_QA_TASKS",
            "TEMPORAL_SPATIAL_TASK", "Record", "KeyFrame", "RewardTargets", "validate", "convert"]
@@ -153,7 +155,7 @@ class Record:
     # Key frames with at least one annotated box, sorted by time (stable: ties keep list
     # order) so "nearest, ties to the earlier frame" is "first minimum".
     frames: list[KeyFrame] = field(default_factory=list)
-    gt_letter: str | None = None      # MCQ tasks
+    gt_letter: str | None = None      # MCQ tasks: grounding.answer_letter of the answer
     gt_box: Box | None = None         # visual QA, frame pixels
 
 
@@ -198,9 +200,7 @@ def convert(sample: Mapping, index: int | None = None) -> Record:
     rec.gt_times = times + [x for seg in rec.segments for x in seg]
 
     if task in MCQ_TASKS:
-        first = answer.lstrip()[:1]
-        if first and first.isascii() and first.isalpha():
-            rec.gt_letter = first.upper()
+        rec.gt_letter = answer_letter(answer)
     if task in VISUAL_QA_TASKS:
         box = first_box(answer)
         if box is not None:

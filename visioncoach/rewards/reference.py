@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from visioncoach.config import RewardConfig
-from visioncoach.grounding import (Box, first_box, first_segment, normalize_name, option_letter,
+from visioncoach.grounding import (Box, answer_letter, first_box, first_segment, normalize_name,
                                    parse, parse_box, parse_number, to_f32)
 from visioncoach.rewards.components import ACCURACY, FORMAT, SPATIAL, TEMPORAL, TOTAL
 from visioncoach.rewards.records import (FREE_FORM_TASKS, MCQ_TASKS, TEMPORAL_QA_TASKS,
@@ -194,7 +194,8 @@ def _gt_box(sample: Mapping) -> Box | None:
 # ---------------------------------------------------------------------------------------
 
 def accuracy_reward(text: str, sample: Mapping) -> float:
-    """r_acc: MCQ -> 1 if the option letter equals the ground truth's; free-form -> mean
+    """r_acc: MCQ -> 1 if the answer's option letter equals the ground truth's (both read by
+    ``answer_letter``: "Correct Option: B" or a leading letter); free-form -> mean
     ROUGE-1/2/L F1; temporal QA -> best temporal IoU of the first answered segment with a
     ground-truth segment; visual QA -> IoU of the first answered box with the ground-truth box.
     0 without an answer block or without ground truth."""
@@ -204,9 +205,8 @@ def accuracy_reward(text: str, sample: Mapping) -> float:
         return 0.0
     task = sample["task"]
     if task in MCQ_TASKS:
-        gt = sample["answer"].lstrip()[:1]
-        letter = option_letter(answer)
-        return 1.0 if letter is not None and gt.isascii() and gt.isalpha() and letter == gt.upper() else 0.0
+        letter = answer_letter(answer)
+        return 1.0 if letter is not None and letter == answer_letter(sample["answer"]) else 0.0
     if task in FREE_FORM_TASKS:
         return rouge(answer, sample["answer"])
     if task == "temporal QA":

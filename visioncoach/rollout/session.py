@@ -36,9 +36,11 @@ class Session:
     decoder: str = "pyav"
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 151643
+    source: str = ""   # which folder the given path resolved to (visioncoach.models.resolve)
 
-    def decode(self, path: str | Path) -> DecodedClip:
-        return decode(path, nframes=self.nframes, backend=self.decoder)
+    def decode(self, path: str | Path, key_times: tuple[float, ...] = ()) -> DecodedClip:
+        """``nframes`` uniform frames, plus frames at ``key_times`` (marked ``is_key``)."""
+        return decode(path, nframes=self.nframes, key_times=key_times, backend=self.decoder)
 
     def _complete(self, inputs, vision: VisionFeatures | None, max_new_tokens: int):
         group = generate_group(self.model, inputs, 1, greedy=True, max_new_tokens=max_new_tokens,
@@ -78,16 +80,25 @@ def resolve_device(device: str) -> torch.device:
 
 def load_session(path: str | Path, *, device: str = "auto", dtype: str = "auto", attn: str = "auto",
                **options) -> Session:
-    """The policy of a local ``from_pretrained`` folder (model + processor) as a ``Session``;
-    ``options`` are ``Session`` fields (nframes, min_pixels, max_pixels, ...)."""
+    """The policy of a local folder as a ``Session``: a ``from_pretrained`` folder (model +
+    processor) or a training checkpoint, stage or run folder (``visioncoach.models.resolve``,
+    through ``build_policy``; a folder that is none is a ``ModelDirError``, a
+    ``FileNotFoundError``, raised before anything loads). ``Session.source`` says which folder
+    was loaded. ``options`` are ``Session`` fields (nframes, min_pixels, max_pixels, ...)."""
     from visioncoach.config import DataConfig, ModelConfig
     from visioncoach.models.policy import build_policy
+    from visioncoach.models.resolve import ModelDirError
 
     if not str(path):
-        raise FileNotFoundError("--model must be a local checkpoint folder")
+        raise ModelDirError("--model must be a local checkpoint folder")
     dev = resolve_device(device)
-    data = DataConfig(min_pixels=options.get("min_pixels", 3136), max_pixels=options.get("max_pixels", 100352))
-    model, processor, _ = build_policy(
+    # Unset pixel bounds (None) are the checkpoint's: its processor holds the ones it was
+    # trained with (a tiny run trains at 12,544 pixels a frame, the paper at 100,352).
+    given = {k: options.pop(k) for k in ("min_pixels", "max_pixels") if options.get(k) is not None}
+    options.pop("min_pixels", None), options.pop("max_pixels", None)
+    # None: load_model_dir keeps the saved processor's bounds.
+    data = DataConfig(min_pixels=given.get("min_pixels"), max_pixels=given.get("max_pixels"))
+    model, processor, info = build_policy(
         ModelConfig(path=str(path), attn_implementation=attn, dtype=dtype, gradient_checkpointing=False),
         data, dev)
     model.eval()
@@ -97,4 +108,15 @@ def load_session(path: str | Path, *, device: str = "auto", dtype: str = "auto",
     eos += [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if t is not None]
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else tokenizer.pad_token_id
-    return Session(model, tokenizer, dev, eos_token_ids=tuple(sorted(set(eos))), pad_token_id=pad, **options)
+    size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
+    pixels = {"min_pixels": given.get("min_pixels", _size_value(size, "shortest_edge", 3136)),
+              "max_pixels": given.get("max_pixels", _size_value(size, "longest_edge", 100352))}
+    return Session(model, tokenizer, dev, eos_token_ids=tuple(sorted(set(eos))), pad_token_id=pad,
+                   source=info["source"], **pixels, **options)
+
+
+def _size_value(size, key: str, default: int) -> int:
+    """A pixel bound of a Qwen2-VL image processor's ``size`` (``shortest_edge`` = min pixels,
+    ``longest_edge`` = max pixels: transformers' names), or ``default``."""
+    value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+    return int(value) if value else default

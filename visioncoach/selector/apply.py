@@ -97,7 +97,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         boxes = [parse_box_arg(b, len(times)) for b in args.boxes]
         selector = Selector(args.selector, device=device)
     except (DecodeError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        # FileNotFoundError includes a selector whose base model folder is bad (ModelDirError).
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     text = selector.generate_texts([{"question": args.question, "frames": frames,
                                      "key_objects": args.objects}])[0]
     vp = selector.mapper(text)
@@ -106,7 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("selected visual prompt: %s", vp)
     spec = vp_spec(vp)
     if spec.needs_clip and not args.clip_path:
-        raise SystemExit(f"error: the selector chose {vp}: " + clip_required(vp, "--clip-path DIR"))
+        print(f"error: the selector chose {vp}: " + clip_required(vp, "--clip-path DIR"), file=sys.stderr)
+        return 2
     if spec.needs == "boxes" and not boxes:
         log.warning("%s needs key-object boxes (--boxes): the key frames are left unchanged", vp)
     objects = [{"key object": [b for k, b in boxes if k is None or k == i]} for i in range(len(times))]

@@ -52,8 +52,9 @@ class SelectorInput:
 def load_base(base: str, device: torch.device, *, dtype: str = "auto", seed: int = 0,
               min_pixels: int = 3136, max_pixels: int = 200704,
               gradient_checkpointing: bool = False):
-    """(model, processor) for ``base``: a local Qwen2.5-VL checkpoint folder, or ``tiny`` (the
-    tiny random-weight model, seeded) -- through ``build_policy``."""
+    """(model, processor) for ``base``: a local Qwen2.5-VL model folder or training checkpoint,
+    stage or run folder (``visioncoach.models.resolve``; a bad one is a ``ModelDirError``), or
+    ``tiny`` (the tiny random-weight model, seeded) -- through ``build_policy``."""
     from visioncoach.config import DataConfig, ModelConfig
     from visioncoach.models.policy import build_policy
 

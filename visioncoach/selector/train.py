@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from visioncoach.models.resolve import ModelDirError, resolve_model_dir
 from visioncoach.utils.files import write_text_atomic
 
 from visioncoach.selector.labels import selector_labels
@@ -206,7 +207,10 @@ def train_selector(samples: list[dict], out: Path, *, base: str = "tiny", labels
     model.save_pretrained(str(out))
     meta = {
         "labels": list(labels), "prompt_version": SELECTOR_PROMPT_VERSION,
-        "base_model": base if base == "tiny" else str(Path(base).resolve()), "tiny_seed": seed,
+        # The folder a checkpoint / run path resolved to: a run that later writes newer
+        # checkpoints must not change the base this adapter was trained on.
+        "base_model": base if base == "tiny" else str(resolve_model_dir(base).folder.resolve()),
+        "tiny_seed": seed,
         "min_pixels": min_pixels, "max_pixels": max_pixels, "max_side": max_side,
         "max_new_tokens": max_new_tokens,
         "train": {"samples": len(samples), "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -257,9 +261,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.lora_dropout < 1:
         raise SystemExit("--lr must be > 0, --weight-decay >= 0 and --lora-dropout in [0, 1)")
-    if args.base_model != "tiny" and not Path(args.base_model).is_dir():
-        raise SystemExit(f"--base-model {args.base_model}: not a local checkpoint folder "
-                         "(nothing is downloaded at run time)")
+    if args.base_model != "tiny":
+        try:
+            resolve_model_dir(args.base_model)
+        except ModelDirError as exc:
+            raise SystemExit(f"error: --base-model: {exc}") from None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out)
     labels = selector_labels()

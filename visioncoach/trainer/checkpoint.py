@@ -7,6 +7,12 @@ data position). It is written into a hidden temporary folder next to it and rena
 place only when complete, and ``latest`` (a small text file, itself replaced atomically)
 names the newest one. A crash at any point leaves the previous checkpoint and ``latest``
 valid.
+
+The model folder is complete for inference: with the processor it holds the image / video
+processor settings (pixel bounds) and the tokenizer with its chat template, so
+``from_pretrained`` / ``AutoProcessor.from_pretrained`` (and ``predict`` / ``infer``, through
+``visioncoach.models.resolve``) load it alone. A LoRA checkpoint can also hold ``merged/``, the
+adapters merged into the base weights, for inference without peft.
 """
 
 from __future__ import annotations
@@ -21,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visioncoach.models.resolve import LATEST, MERGED_DIR, MODEL_DIR, STATE
 from visioncoach.utils.files import write_text_atomic
-
-STATE = "trainer_state.json"
 
 
 def _rng_state() -> dict:
@@ -48,12 +53,14 @@ def _fsync_tree(path: Path) -> None:
 
 def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dict,
                     extra: dict | None = None, move_in: dict[str, Path] | None = None,
-                    keep: int = 0) -> Path:
+                    keep: int = 0, processor=None, export_merged: bool = False) -> Path:
     """Write checkpoint ``step-{state['step']}`` atomically and point ``latest`` at it; with
     ``keep`` > 0, delete all but the newest ``keep`` checkpoints afterwards.
 
     ``optimizer`` / ``scheduler`` may be None (their state lives elsewhere, e.g. in DeepSpeed's
-    files); ``move_in``: {name: folder} moved into the checkpoint before it is published."""
+    files); ``move_in``: {name: folder} moved into the checkpoint before it is published;
+    ``processor`` is saved with the model (and with ``merged/``); ``export_merged``: a LoRA
+    model also writes ``merged/`` (ignored for a model without adapters)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{int(state['step']):08d}"
@@ -61,7 +68,11 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dic
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
     try:
         model = model.module if hasattr(model, "module") else model
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp / MODEL_DIR)
+        if export_merged and hasattr(model, "peft_config"):
+            save_merged(model, tmp / MERGED_DIR, processor)
         for sub, src in (move_in or {}).items():
             os.replace(src, tmp / sub)
         torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -80,12 +91,59 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dic
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    write_text_atomic(out_dir / "latest", name + "\n")
+    write_text_atomic(out_dir / LATEST, name + "\n")
     if keep:
         # Only after the new one is published: a crash here leaves extra checkpoints, never fewer.
         for old in sorted(p for p in out_dir.glob("step-*") if p.is_dir() and p != final)[:-(keep - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every active LoRA delta added to its layer's weight,
+    under the plain model's keys. The training model is left untouched: peft's in-place
+    merge followed by an unmerge would not restore the weights bit for bit."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters:
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    d = module.get_delta_weight(adapter)
+                    deltas[name] = d if name not in deltas else deltas[name] + d
+    out = {}
+    with torch.no_grad():
+        for key, value in base.state_dict().items():
+            parts = key.split(".")
+            if any(p.startswith("lora_") for p in parts):
+                continue
+            if "base_layer" in parts:
+                i = parts.index("base_layer")
+                module, parts = ".".join(parts[:i]), parts[:i] + parts[i + 1:]
+                if parts[-1] == "weight" and module in deltas:
+                    value = value + deltas[module].to(value.dtype)
+            out[".".join(parts)] = value
+    return out
+
+
+def save_merged(peft_model, folder: Path, processor=None) -> None:
+    """``folder``: a plain ``from_pretrained`` export of a LoRA model with its adapters merged
+    (and the processor), loadable without peft."""
+    import copy
+
+    base = peft_model.get_base_model()
+    with torch.device("meta"):   # no second allocation: the plain model takes the merged tensors
+        plain = type(base)(base.config)
+    missing, unexpected = plain.load_state_dict(merged_state_dict(peft_model), strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"merged LoRA weights do not match {type(base).__name__}: missing "
+                           f"{missing[:5]}, unexpected {unexpected[:5]}")
+    plain.generation_config = copy.deepcopy(base.generation_config)
+    plain.save_pretrained(folder, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(folder)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

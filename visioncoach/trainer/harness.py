@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from visioncoach.data.loader import ClipDataset, FailureCounter, make_loader
+from visioncoach.data.loader import ClipDataset, FailureCounter, SampleFailure, make_loader, split_failures
+from visioncoach.processor import fit_prompt_budget
 from visioncoach.rewards.records import RewardTargets
 from visioncoach.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from visioncoach.trainer.distributed import (attach_logprob_head, engine_kind, full_parameters,
@@ -61,8 +62,11 @@ class StageRunner(abc.ABC):
     stage = ""
 
     def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir: Path, *, lr: float,
-                 steps: int, updates_per_step: int = 1, pixels: tuple[int, int] | None = None):
+                 steps: int, updates_per_step: int = 1, pixels: tuple[int, int] | None = None,
+                 processor=None):
         self.cfg, self.dist, self.tokenizer, self.dataset = cfg, dist_info, tokenizer, dataset
+        # Saved with every checkpoint, so its model folder loads for inference on its own.
+        self.processor = processor
         self.out_dir = out_dir
         self.model = model
         o = cfg.optim
@@ -109,6 +113,17 @@ class StageRunner(abc.ABC):
                 yield batch
                 if self.step % self.steps_per_epoch == 0:
                     break  # epoch boundary: rebuild the permutation for the next epoch
+
+    def usable(self, batch) -> list:
+        """The batch's decoded samples, each fitted to the prompt budget (``data.max_prompt_tokens``);
+        failures and samples that cannot fit are counted in ``self.failures``."""
+        out = []
+        for s in split_failures(batch, self.failures):
+            try:
+                out.append(fit_prompt_budget(s, self.tokenizer, self.cfg.data))
+            except ValueError as exc:
+                self.failures.add(SampleFailure(s.index, s.record["id"], str(exc)))
+        return out
 
     def zero_loss(self) -> torch.Tensor:
         """A loss of 0 touching every trainable parameter: a rank whose samples all failed
@@ -185,7 +200,8 @@ class StageRunner(abc.ABC):
     def save(self) -> Path | None:
         """Checkpoint (atomic, see ``checkpoint.save_checkpoint``). Under DeepSpeed every rank
         first writes its optimizer/parameter partitions into a staging folder that moves into
-        the checkpoint, and ZeRO-3 gathers the weights for the transformers-loadable copy."""
+        the checkpoint, and ZeRO-3 gathers the weights for the transformers-loadable copy
+        (written by rank 0 with the processor, and the merged LoRA export when asked for)."""
         if self.dist.backend is not None:
             dist.barrier()
         path = None
@@ -199,7 +215,8 @@ class StageRunner(abc.ABC):
                 path = save_checkpoint(self.ckpt_dir, self.model, None if self.ds else self.optimizer,
                                        None if self.ds else self.scheduler, self.trainer_state(),
                                        move_in={"deepspeed": staging} if staging else None,
-                                       keep=self.cfg.log.keep_checkpoints)
+                                       keep=self.cfg.log.keep_checkpoints, processor=self.processor,
+                                       export_merged=self.cfg.log.export_merged)
                 log.info("checkpoint %s", path)
         if self.dist.backend is not None:
             dist.barrier()

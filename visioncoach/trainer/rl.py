@@ -7,17 +7,21 @@ For each prompt x = (video, question) of a rank's batch (B prompts):
     advantages A_g = (R_g - mean R) / (std R + 1e-4), std unbiased (as TRL).
  2. hard(x) = 1[mean R < k]: k absolute (``vp.hard_threshold``, paper 2.21), or, with
     ``vp.hard_mode=percentile``, the k-th percentile of the running distribution of
-    per-prompt mean rewards (every rank's prompts of every step so far, this step included).
+    per-prompt mean rewards (every rank's prompts of every step so far, this step included),
+    or (``relative``) k x the most x's task can score. Only prompts on which a type the
+    chooser may pick can be drawn are eligible (``vp.hard_eligible``; ``eligible_frac``).
  3. Hard prompts only: the chooser (``vp.selector``) picks a visual prompt v, drawn on the key
     frames with its hint appended to the question (x' = VP(x; v), q + hint(v); ``visioncoach.vp``);
-    G rollouts on x'; candidates C = {g : R'_g > mean R} (mean of the *raw* rollouts); S = the
+    G rollouts on x'; candidates C = {g : R'_g > mean R} (mean of the *raw* rollouts; by
+    default with R = mean(r_spa, r_tmp, r_acc), ``vp.candidate_reward``); S = the
     top-N of C by answer reward R'_acc (ties: earlier rollout); C empty -> no distillation.
  4. One ``gspo_sd_loss`` call over the rows [raw rollouts of every prompt ; S rollouts]:
 
         L = (1/B) sum_x [ (1/G) sum_g (GSPO_g + beta KL_g)
                           + alpha 1[S_x != {}] (1/|S_x|) sum_{j in S_x} NLL(y'_j | x', q') ]
 
-    The NLL conditions on the prompted input (Algorithm 1 line 16).
+    The NLL conditions on the prompted input (Algorithm 1 line 16; ``loss.sd_condition=raw``:
+    on x, q instead).
 
 The rules (advantages, the bar k, C and S, the gating choice, the row weights) are the pure
 functions of ``visioncoach.algorithm``; this module runs them in order.
@@ -43,21 +47,22 @@ import torch
 import torch.distributed as dist
 
 from visioncoach import algorithm
-from visioncoach.data.loader import ClipSample, split_failures
+from visioncoach.data.loader import ClipSample
 from visioncoach.kernels.gspo_sd_loss import gspo_sd_loss
 from visioncoach.models.access import vision_tower
 from visioncoach.processor import ModelInputs, resize_frames, sample_inputs
 from visioncoach.rewards.components import (ACCURACY, FORMAT, REWARD_KEYS, SPATIAL, TEMPORAL,
-                                            TOTAL, check_rewards)
+                                            TOTAL, check_rewards, with_components)
 from visioncoach.rollout.forcing import completion_hidden_states
 from visioncoach.rollout.generate import RolloutGroup, generate_group
 from visioncoach.rollout.prompt import prompt_embeds
 from visioncoach.trainer.distributed import (frozen_copy, gathered_for_generation, is_zero3,
                                              token_logprobs)
 from visioncoach.trainer.harness import StageRunner
+from visioncoach.trainer.running_stats import RunningStats
 from visioncoach.utils.profiling import Phases, peak_memory_gb
 from visioncoach.vp.chooser import VPChooser
-from visioncoach.vp.prompting import prompted_inputs
+from visioncoach.vp.prompting import eligible, prompted_inputs
 
 log = logging.getLogger(__name__)
 
@@ -87,50 +92,12 @@ class PromptResult:
     sample: ClipSample
     raw: Group
     advantages: torch.Tensor                 # [G]
+    eligible: bool = True                    # a type the chooser may pick renders on it
     hard: bool = False
     vp_type: str | None = None
     prompted: Group | None = None
     candidates: list[int] = field(default_factory=list)
     distill: list[int] = field(default_factory=list)
-
-
-class RunningStats:
-    """Statistics over every rank's prompts of every step so far: the per-prompt mean rewards
-    (the percentile bar) and the temporal / spatial sums (the gating rule's averages).
-    Saved with the checkpoint."""
-
-    def __init__(self, dist_info):
-        self.dist = dist_info
-        self.mean_history: list[float] = []
-        self.component_sums = {TEMPORAL: 0.0, SPATIAL: 0.0, "n": 0}
-
-    def _gather(self, values: list[float]) -> list[float]:
-        """This step's values of every rank, rank-major (ranks may hold different counts: a rank
-        whose samples failed to decode contributes fewer)."""
-        if self.dist.backend is None or self.dist.world_size == 1:
-            return list(values)
-        out: list = [None] * self.dist.world_size
-        dist.all_gather_object(out, list(values))
-        return [v for part in out for v in part]
-
-    def add(self, means: list[float], components: list[dict[str, float]]) -> None:
-        """Add this rank's prompts (collective: every rank calls it, even with none)."""
-        self.mean_history += self._gather(means)
-        flat = self._gather([x for c in components for x in (c[TEMPORAL], c[SPATIAL])])
-        self.component_sums[TEMPORAL] += sum(flat[0::2])
-        self.component_sums[SPATIAL] += sum(flat[1::2])
-        self.component_sums["n"] += len(flat) // 2
-
-    def averages(self) -> dict[str, float]:
-        n = max(1, self.component_sums["n"])
-        return {k: self.component_sums[k] / n for k in (TEMPORAL, SPATIAL)}
-
-    def state(self) -> dict:
-        return {"mean_history": self.mean_history, "component_sums": self.component_sums}
-
-    def load(self, state: dict) -> None:
-        self.mean_history = list(state.get("mean_history", []))
-        self.component_sums = dict(state.get("component_sums", self.component_sums))
 
 
 def build_chooser(vp_cfg, seed: int, rank: int, device: torch.device, have_heatmaps: bool) -> VPChooser:
@@ -156,7 +123,7 @@ class RLRunner(StageRunner):
     stage = "rl"
 
     def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir, *, ref_model=None,
-                 reward_fn=None):
+                 reward_fn=None, processor=None):
         # RL does not train the vision tower (see the module docstring): frozen explicitly, so
         # the optimizer holds no state for it and weight decay never touches it.
         vision_tower(model).requires_grad_(False)
@@ -169,10 +136,10 @@ class RLRunner(StageRunner):
             self.ref_model.requires_grad_(False).eval()
         super().__init__(cfg, dist_info, model, tokenizer, dataset, out_dir, lr=cfg.optim.lr,
                          steps=cfg.optim.rl_steps, updates_per_step=cfg.loss.updates_per_rollout,
-                         pixels=(cfg.data.min_pixels, cfg.data.max_pixels))
+                         pixels=(cfg.data.min_pixels, cfg.data.max_pixels), processor=processor)
         if reward_fn is None:
             from visioncoach.rewards import score as reward_fn
-        self.reward_fn = reward_fn
+        self.reward_fn = with_components(reward_fn, cfg.reward.components)   # total = the enabled sum
         # One prompt prefill shared by the G rows calls the language model twice in one graph
         # (prefill, then the completions on its cache), which ZeRO-3's parameter release
         # breaks in the backward; there the G rows run as one plain forward instead.
@@ -197,7 +164,7 @@ class RLRunner(StageRunner):
     def train_step(self, batch) -> dict:
         phase = Phases("rl")
         with phase("data"):
-            samples = split_failures(batch, self.failures)
+            samples = self.usable(batch)
         # Every rank collects, even with no sample left: the running statistics are gathered.
         results = self.collect(samples, self.step / max(1, self.steps), phase)
         mu = self.cfg.loss.updates_per_rollout
@@ -284,14 +251,20 @@ class RLRunner(StageRunner):
             k += n
 
     def mark_hard(self, results: list[PromptResult]) -> None:
-        """Algorithm 1 line 6, against the running statistics (this step included)."""
-        means = [float(r.raw.rewards[TOTAL].mean()) for r in results]
+        """Algorithm 1 line 6, against the running statistics (this step included), for the
+        prompts a visual prompt can be drawn on (``vp.hard_eligible``)."""
+        vp, means = self.cfg.vp, [float(r.raw.rewards[TOTAL].mean()) for r in results]
         self.stats.add(means, [{k: float(r.raw.rewards[k].mean()) for k in (TEMPORAL, SPATIAL)}
                                for r in results])
-        bar = algorithm.hard_threshold(self.cfg.vp.hard_mode, self.cfg.vp.hard_threshold,
-                                       self.stats.mean_history)
-        for r, m in zip(results, means):
-            r.hard = m < bar
+        for r in results:
+            r.eligible = vp.hard_eligible == "all" or eligible(
+                r.sample, self.chooser.may_pick, all_frames=vp.numpro_frames == "all")
+        att = [algorithm.attainable_reward(r.sample.reward_record, self.cfg.reward.components)
+               if vp.hard_mode == "relative" else 0.0 for r in results]
+        flags = algorithm.hard_flags(vp.hard_mode, vp.hard_threshold, means, self.stats.mean_history,
+                                     [r.eligible for r in results], att)
+        for r, h in zip(results, flags):
+            r.hard = h
 
     def prompt_hard(self, results: list[PromptResult], resized: list[torch.Tensor],
                     gen: torch.Generator, progress: float, phase: Phases) -> None:
@@ -308,7 +281,8 @@ class RLRunner(StageRunner):
             for i, v in zip(hard, types):
                 results[i].vp_type = v
                 x = prompted_inputs(results[i].sample, resized[i], v, self.tokenizer, cfg.data,
-                                    darken_factor=cfg.vp.darken_factor, heatmap_fn=self.heatmap_fn)
+                                    darken_factor=cfg.vp.darken_factor, heatmap_fn=self.heatmap_fn,
+                                    all_frames=cfg.vp.numpro_frames == "all")
                 if x is not None:
                     prompted[i] = x
         with phase("rollout", nvtx="rl/vp_rollout"):
@@ -319,8 +293,10 @@ class RLRunner(StageRunner):
                         [results[i].sample.reward_record for i in prompted], progress)
         for i in prompted:
             r = results[i]
+            rule = cfg.vp.candidate_reward      # C compares like with like: raw mean of the same score
             r.candidates, r.distill = algorithm.select_distill(
-                float(r.raw.rewards[TOTAL].mean()), r.prompted.rewards, cfg.vp.top_n)
+                float(algorithm.candidate_score(r.raw.rewards, rule).mean()), r.prompted.rewards,
+                cfg.vp.top_n, rule)
 
     # -- the loss ------------------------------------------------------------------------------
     def loss_rows(self, results: list[PromptResult]):
@@ -333,7 +309,8 @@ class RLRunner(StageRunner):
             if r.distill:
                 ro = r.prompted.rollout
                 sel = torch.tensor(r.distill, device=ro.tokens.device)
-                groups.append(Rows(r.prompted, ro.tokens[sel], ro.lengths[sel], ro.logprobs[sel]))
+                cond = algorithm.distill_input(self.cfg.loss.sd_condition, r.raw, r.prompted)
+                groups.append(Rows(cond, ro.tokens[sel], ro.lengths[sel], ro.logprobs[sel]))
                 adv.append(torch.zeros(len(r.distill)))
         gw, sw = algorithm.loss_row_weights(len(results), self.cfg.rollout.num_generations,
                                             [len(r.distill) for r in results], self.cfg.loss.sd_alpha)
@@ -401,6 +378,7 @@ class RLRunner(StageRunner):
             return out
         for k in REWARD_KEYS:
             out[f"reward_{k}"] = float(torch.cat([r.raw.rewards[k] for r in results]).mean())
+        out["eligible_frac"] = sum(r.eligible for r in results) / len(results)
         out["hard_frac"] = sum(r.hard for r in results) / len(results)
         out["vp_counts"] = dict(Counter(r.vp_type for r in results if r.vp_type))
         gains: dict[str, list[float]] = {}

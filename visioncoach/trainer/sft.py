@@ -3,8 +3,9 @@
 ``SFTRunner`` is the stage (``optim.sft_steps`` steps on the shared ``StageRunner`` harness);
 ``build_sft_example`` / ``sft_loss`` are its step.
 
-The prompt is the same one RL and inference use (``visioncoach.processor.build_inputs``); the
-target is the record's ``reasoning_process`` followed by ``<|im_end|>``. The loss never forms
+The prompt is the same one RL and inference use (``visioncoach.processor.sample_inputs``); the
+target is ``templates.sft_target`` of the record (the reference's think/answer text around its
+``reasoning_process``, boxes in model-frame pixels) followed by ``<|im_end|>``. The loss never forms
 the [tokens x vocab] logits: the language model's final hidden states at the target positions
 go through ``visioncoach.kernels.linear_logprob`` with the LM head's weight.
 """
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from visioncoach.data.loader import split_failures
-from visioncoach.processor import build_inputs
-from visioncoach.templates import user_text
+from visioncoach.models.access import base_model
+from visioncoach.processor import sample_inputs
+from visioncoach.templates import sft_target
 from visioncoach.trainer.distributed import token_logprobs
 from visioncoach.trainer.harness import StageRunner
 from visioncoach.utils.profiling import Phases, peak_memory_gb
@@ -31,15 +32,14 @@ class SFTExample:
     frame_size: tuple[int, int]
 
 
-def build_sft_example(sample, tokenizer, *, layout: str, min_pixels: int, max_pixels: int,
-                      device: torch.device) -> SFTExample:
-    """Model inputs for one decoded sample (``visioncoach.data.loader.ClipSample``)."""
+def build_sft_example(sample, tokenizer, data_cfg, device: torch.device) -> SFTExample:
+    """Model inputs for one decoded sample (``visioncoach.data.loader.ClipSample``): its prompt
+    (``data_cfg``'s layout and pixel budget; one image for an image record) followed by the
+    SFT target (``templates.sft_target``, boxes in the pixels of the frames the model sees)."""
     rec = sample.record
-    inputs = build_inputs(sample.frames.to(device), sample.times, sample.duration,
-                          user_text(rec["question"], rec["task"]), tokenizer, layout=layout,
-                          min_pixels=min_pixels, max_pixels=max_pixels)
+    inputs = sample_inputs(sample, sample.frames.to(device), rec["question"], tokenizer, data_cfg)
     t = inputs.tensors
-    target = tokenizer(rec["reasoning_process"] + "<|im_end|>", add_special_tokens=False).input_ids
+    target = tokenizer(sft_target(rec, inputs.frame_size) + "<|im_end|>", add_special_tokens=False).input_ids
     target = torch.tensor([target], dtype=torch.int64, device=device)        # [1, Tt]
     start = t["input_ids"].shape[1]
     t = dict(t)
@@ -52,7 +52,8 @@ def build_sft_example(sample, tokenizer, *, layout: str, min_pixels: int, max_pi
 def target_logprobs(model, example: SFTExample) -> torch.Tensor:
     """log pi(y_t | x, y_<t) of every target token, [1, Tt] fp32 (no full logits)."""
     lm = model.module if hasattr(model, "module") else model  # DDP wrapper
-    hidden = lm.model(**example.tensors).last_hidden_state                   # [1, L, D]
+    # base_model: through a peft wrapper too (a LoRA policy's ``.model`` is the whole LM).
+    hidden = base_model(lm)(**example.tensors).last_hidden_state             # [1, L, D]
     ids = example.tensors["input_ids"]
     # Position t's hidden state predicts token t + 1.
     h = hidden[:, example.target_start - 1:-1]                                # [1, Tt, D]
@@ -77,18 +78,16 @@ class SFTRunner(StageRunner):
 
     stage = "sft"
 
-    def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir: Path):
+    def __init__(self, cfg, dist_info, model, tokenizer, dataset, out_dir: Path, *, processor=None):
         super().__init__(cfg, dist_info, model, tokenizer, dataset, out_dir, lr=cfg.optim.sft_lr,
-                         steps=cfg.optim.sft_steps)
+                         steps=cfg.optim.sft_steps, processor=processor)
 
     def train_step(self, batch) -> dict:
         cfg, dev = self.cfg, self.dist.device
         phase = Phases("sft")
         with phase("data"):
-            samples = split_failures(batch, self.failures)
-            examples = [build_sft_example(s, self.tokenizer, layout=cfg.data.layout,
-                                          min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                                          device=dev) for s in samples]
+            samples = self.usable(batch)
+            examples = [build_sft_example(s, self.tokenizer, cfg.data, dev) for s in samples]
         self.model.train()
         with phase("forward"):
             loss, n_tok = sft_loss(self.model, examples) if examples else (self.zero_loss(), 0)

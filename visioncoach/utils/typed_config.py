@@ -34,6 +34,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -57,6 +59,16 @@ def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
         if value in choices:
             return value
         raise ValueError(f"must be one of {', '.join(repr(c) for c in choices)}")
+    if dataclasses.is_dataclass(tp):
+        # A list entry that is itself a small section (e.g. data.sources' {match, media, ...}).
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}")
+        known = {f.name for f in dataclasses.fields(tp)}
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} (known: {sorted(known)})")
+        hints = typing.get_type_hints(tp)
+        return tp(**{k: _coerce(v, hints[k], from_cli) for k, v in value.items()})
     if origin is list:
         (item,) = typing.get_args(tp)
         if from_cli and isinstance(value, str):

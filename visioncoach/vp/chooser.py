@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Mapping, Sequence
 
-from visioncoach.algorithm import gating_choice
+from visioncoach.algorithm import GATING_TYPES, gating_choice
 from visioncoach.vp.spec import RAW, clip_required, renderable
 
 __all__ = ["VPChooser"]
@@ -44,6 +44,18 @@ class VPChooser:
     @property
     def active(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def may_pick(self) -> list[str]:
+        """Every type ``choose`` can return (what hard-sample eligibility asks about): the fixed
+        type; gating's two; the renderable ``vp.types`` for random (and for none, so that its
+        hard fraction counts the same samples a prompting run would); for the model those
+        plus raw, which a label this run cannot render becomes."""
+        if self.fixed is not None:
+            return [self.fixed]
+        if self.mode == "gating":
+            return list(GATING_TYPES)
+        return list(dict.fromkeys(self.types + ([RAW] if self.mode == "model" else [])))
 
     def choose(self, step: int, samples: Sequence, raw: Sequence[Mapping[str, float]],
                averages: Mapping[str, float]) -> list[str]:

@@ -131,7 +131,7 @@ register_vp_type(VPSpec(
 register_vp_type(VPSpec(
     "numpro", needs="frame_index", kernel=vp_frame_number, reference=vp_frame_number_reference,
     options=("digit_scale",),
-    hint="Hint: each key frame shows its frame number as red digits in the bottom-right corner.",
+    hint="Hint: the frames show their frame numbers as red digits in the bottom-right corner.",
     aliases=("numpro", "num pro", "frame number", "frame numbers", "frame numbering", "numbering",
              "frame index", "number")))
 register_vp_type(VPSpec(
