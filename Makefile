@@ -7,7 +7,9 @@ NPROC ?= 2
 export PYTHONSAFEPATH := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup train test bench clean
+GPU_CHECK_OUT ?= runs/gpu_check
+
+.PHONY: setup train test bench gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +23,11 @@ test: setup
 # A script's own folder on sys.path (not the checkout root) is what lets it import bench/_common.py.
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; PYTHONSAFEPATH= $(VENV)/bin/python $$b || exit 1; done
+
+# The GPU check kit (README "GPU work"): at most 8 minutes on one GPU; without one, the
+# CPU-safe parts only (exit 0). Reports: $(GPU_CHECK_OUT)/gpu_check_report.{md,json}.
+gpu-check: setup
+	bash scripts/gpu_check.sh --out $(GPU_CHECK_OUT) $(ARGS)
 
 clean:
 	rm -rf build *.egg-info visioncoach/*.so .pytest_cache

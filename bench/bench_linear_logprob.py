@@ -36,9 +36,9 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(impl: str, n: int, t: int, h: int, v: int, trainable: bool, dtype: str, device: str,
-             repeats: int) -> dict:
-    """One case in this process; returns its measurements."""
+def build_step(impl: str, n: int, t: int, h: int, v: int, trainable: bool, dtype: str, device: str):
+    """One case's inputs and its forward+backward ``step`` (untimed): (step, hidden, weight).
+    Also the case builder of the GPU check kit (bench/gpu_check_kernels.py)."""
     import torch
 
     torch.manual_seed(0)
@@ -83,6 +83,17 @@ def run_case(impl: str, n: int, t: int, h: int, v: int, trainable: bool, dtype: 
                 logp = linear_logprob(hidden, weight, targets)                      # [N, T]
                 loss, _ = gspo_sd_loss(logp, old, ref, adv, mask, gw, sdw, **LOSS_KW)
                 loss.backward()
+
+    return step, hidden, weight
+
+
+def run_case(impl: str, n: int, t: int, h: int, v: int, trainable: bool, dtype: str, device: str,
+             repeats: int) -> dict:
+    """One case in this process; returns its measurements."""
+    import torch
+
+    step, hidden, weight = build_step(impl, n, t, h, v, trainable, dtype, device)
+    dev = hidden.device
 
     def sync():
         if dev.type == "cuda":

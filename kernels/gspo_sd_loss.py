@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from visioncoach.kernels._backend import Backend, resolve_backend
+from visioncoach.kernels._device import store_rounded
 
 __all__ = ["gspo_sd_loss", "gspo_sd_loss_reference"]
 
@@ -261,13 +262,8 @@ def _gspo_sd_bwd_kernel(
             d = tl.minimum(tl.maximum(x, -10.0), 10.0)
             coef = coef_a - coef_b * tl.where(inside, tl.exp(d) - 1.0, 0.0)
         grad = scale * m * coef
-        if grad_ptr.dtype.element_ty == tl.bfloat16:
-            # Round to nearest even by hand: the interpreter truncates fp32 -> bf16 (and its
-            # "rtne" mode drops the mantissa carry). On GPU this equals the hardware cast.
-            bits = grad.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            grad = bits.to(tl.float32, bitcast=True)
-        tl.store(grad_ptr + base + t, grad.to(grad_ptr.dtype.element_ty), mask=inb)
+        # bf16: to nearest even, NaN kept (the hardware cast on GPU, by hand in the interpreter)
+        store_rounded(grad_ptr + base + t, grad, inb)
 
 
 # --------------------------------------------------------------------------- launchers

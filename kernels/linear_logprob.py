@@ -30,13 +30,15 @@ column is not recomputed: G_{t,y_t} = (g_t / tau) (-expm1(logp_t)) from the forw
 lose most digits of 1 - p_y for near-certain tokens.
 
 Memory: one [chunk, V] fp32 logits buffer (reused across chunks) plus O(NT H) for D; the
-default chunk keeps that buffer at 2^26 elements (256 MiB), see ``default_chunk_size``.
+default chunk keeps that buffer at 2^26 elements (256 MiB), see ``default_chunk_size``. The
+Triton path keeps D's GEMM operand beside it, [chunk, V] in W's dtype (128 MiB in bf16; an fp32
+head's no longer overwrites the logits in place: +256 MiB).
 
 Precision: logits, softmax and D in fp32 whatever the input dtype (bf16 products are exact in
 fp32). The Triton path on CUDA runs the GEMMs in the weight's dtype with fp32 accumulation and
-fp32 output (cuBLAS), so for a bf16 head the (onehot - p) and G chunks it multiplies are rounded
-to bf16 (to nearest even), as Liger-Kernel's fused linear losses do; the torch path keeps them
-fp32. Gradients are returned in the input dtypes.
+fp32 output (cuBLAS), so for a bf16 head the u rows and G chunks it multiplies are rounded to
+bf16 (to nearest even, NaN kept), as Liger-Kernel's fused linear losses round theirs; the torch
+path keeps them fp32. Gradients are returned in the input dtypes.
 
 Implementations:
   * ``linear_logprob_reference``: materialised logits -> log_softmax -> gather; the spec.
@@ -44,8 +46,17 @@ Implementations:
     all in torch ops (in place on one reused buffer).
   * Triton (``torch.ops.visioncoach.linear_logprob``): the GEMMs stay in torch/cuBLAS, and one
     Triton program per row does the fused row work on the chunk's logits in one kernel:
-    ``_logprob_fwd_kernel`` (online max/sum-exp/entropy, target gather, then overwriting the
-    row with onehot - p) and ``_grad_logits_kernel`` (G for a vocabulary slice).
+    ``_logprob_fwd_kernel`` (online max/sum-exp/entropy and target gather, and in the same
+    pass the rows u of D's GEMM, relative to the target logit, so that D = -r (u @ W) needs
+    only a per-row factor r after the GEMM: the logits are read once) and
+    ``_grad_logits_kernel`` (G for a vocabulary slice; slices of a multiple of 16 columns, so
+    that it moves 16-byte vectors).
+
+DRAM traffic of the Triton forward with D, per 3,072 tokens at Qwen2.5-VL-7B's shapes (H 3,584,
+V 152,064, bf16, 441-row chunks), an analytic estimate, not a measurement (README, "LM-head DRAM
+traffic"): the 1.87 GB of fp32 logits cost 3.74 GB (GEMM write + one read; 5.61 GB when read
+twice), D's bf16 operand 1.87 GB, W's re-reads by both GEMMs of each chunk 15.3 GB (unchanged):
+about 21.0 GB in all, 22.8 GB before.
 """
 
 import math
@@ -56,6 +67,7 @@ import triton
 import triton.language as tl
 
 from visioncoach.kernels._backend import Backend, interpreting, resolve_backend
+from visioncoach.kernels._device import store_rounded
 
 __all__ = [
     "IGNORE_INDEX",
@@ -174,10 +186,16 @@ def _mm_weight_operand(weight: torch.Tensor) -> torch.Tensor:
     return weight.float()
 
 
-def _vocab_slice(n_rows: int, vocab: int, chunk_size: int) -> int:
+def _vocab_slice(n_rows: int, vocab: int, chunk_size: int, multiple: int = 1) -> int:
     """Columns per vocabulary slice of the weight-gradient pass: the same element budget as a
-    forward chunk (chunk_size x V), spread over all n_rows tokens."""
-    return max(1, min(vocab, (chunk_size * vocab) // max(n_rows, 1)))
+    forward chunk (chunk_size x V), spread over all n_rows tokens, rounded down to a multiple
+    of ``multiple`` (the Triton path's 16: rows of the slice buffers then start 16-byte aligned
+    and the JIT, seeing a row stride divisible by 16, emits 16-byte vector loads and stores;
+    21,829 columns at 3,072 tokens compiled to scalar ones)."""
+    cols = (chunk_size * vocab) // max(n_rows, 1)
+    if cols >= multiple:
+        cols -= cols % multiple
+    return max(1, min(vocab, cols))
 
 
 def _flat_view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -349,45 +367,53 @@ def _chunked(hidden, weight, targets, temperature, return_entropy, chunk_size):
 
 
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> fp32 holding the nearest-even bf16 value. The interpreter's fp32 -> bf16 cast
-    truncates (and its "rtne" mode drops the mantissa carry); on GPU this is the hardware cast."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _logprob_fwd_kernel(
     z_ptr,                        # [C, V] fp32 logits chunk, row stride stride_z (unscaled h.w)
-    q_ptr,                        # [C, V] out: onehot - p, W's dtype; may alias z (fp32 W)
+    u_ptr,                        # [C, V] out (WRITE_U): exp(x - ref), 0 at the target; W's dtype
     y_ptr,                        # [C] int targets
     lse_ptr, logp_ptr, ent_ptr,   # [C] fp32 out (ent untouched without HAS_ENT)
-    V, stride_z, stride_q,
+    r_ptr, sig_ptr,               # [C] fp32 out (WRITE_U): exp(ref - lse), sum_{v != y} u_v
+    V, stride_z, stride_u,
     inv_tau,
-    IGNORE: tl.constexpr, HAS_ENT: tl.constexpr, WRITE_Q: tl.constexpr,
+    IGNORE: tl.constexpr, HAS_ENT: tl.constexpr, WRITE_U: tl.constexpr, REF_GAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row t, x_v = z_tv / tau. Pass 1, online over V tiles (running max m):
+    """One program per row t, x_v = z_tv / tau, one pass over the row, online (running max m):
 
         s = sum_v exp(x_v - m),   a = sum_v exp(x_v - m) (x_v - m)
         on a new max m':  s <- s e^(m - m'),   a <- e^(m - m') (a + s (m - m'))
 
     then lse = m + log s, logp = (x_y - m) - log s, entropy = -sum p log p = log s - a / s (both
-    terms non-negative: no cancellation at large |x|). Pass 2 (WRITE_Q) overwrites the row with
-    q_v = onehot_v - exp((x_v - m) - log s), so that D = q @ W is one GEMM; ignored rows get
-    q = 0, logp = entropy = 0. (x - m) - log s, as log_softmax forms it, rather than x - lse:
-    lse rounds at |x|'s ulp, which would cost 1 - p_y its digits for a near-certain token.
+    terms non-negative: no cancellation at large |x|). (x - m) - log s, as log_softmax forms it,
+    rather than x - lse: lse rounds at |x|'s ulp, which would cost 1 - p_y its digits for a
+    near-certain token.
+
+    WRITE_U: the same pass writes the row of D's GEMM operand without waiting for lse, relative
+    to a reference fixed before the pass, ref = x_y:
+
+        u_v = exp(x_v - ref) (v != y, 0 at y),   sigma = sum_{v != y} u_v,   r = exp(ref - lse)
+
+    so p_v = r u_v and 1 - p_y = r sigma: with u_y set to -sigma (by the launcher, after this
+    kernel), D = (onehot - p) @ W = -r (u @ W), one per-row factor after the GEMM, whose terms
+    are all of one size (no 1 and -p_y apart: no cancellation for a near-certain token). A row
+    with lse - ref > REF_GAP (p_y < e^-REF_GAP: exp(x - x_y) may overflow the storage dtype or
+    the GEMM's sums) is rewritten with ref = m, a second read of its logits. Ignored rows get
+    u = 0, r = sigma = 0, logp = entropy = 0.
     """
     row = tl.program_id(0).to(tl.int64)   # int64: row * stride overflows int32 for big chunks
     z_row = z_ptr + row * stride_z
+    u_row = u_ptr + row * stride_u
     y = tl.load(y_ptr + row).to(tl.int64)
     valid = y != IGNORE
+    y_safe = tl.where(valid, y, 0)
+    if WRITE_U:     # the u rows' reference, before the pass (without u: after it, 31 regs not 39)
+        x_y = tl.load(z_row + y_safe).to(tl.float32) * inv_tau
     offs = tl.arange(0, BLOCK_V)
     # Finite start (not -inf) so that the first rescale is 0 * finite rather than 0 * inf.
     m = tl.full((), -3.0e38, tl.float32)
     s = tl.zeros((), tl.float32)
     a = tl.zeros((), tl.float32)
+    sig = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         v = v0 + offs
         inb = v < V
@@ -401,31 +427,40 @@ def _logprob_fwd_kernel(
             a = alpha * (a + s * (m - m_new)) + tl.sum(e * d, axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
+        if WRITE_U:
+            u = tl.where(valid & (v != y), tl.exp(x - x_y), 0.0)   # 0 where masked
+            # per tile: a [BLOCK_V] accumulator would hold 16 more registers per thread
+            sig += tl.sum(u, axis=0)
+            store_rounded(u_row + v, u, inb)
+    if not WRITE_U:
+        x_y = tl.load(z_row + y_safe).to(tl.float32) * inv_tau
     log_s = tl.log(s)
     lse = m + log_s
-    y_safe = tl.where(valid, y, 0)
-    x_y = tl.load(z_row + y_safe).to(tl.float32) * inv_tau
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, tl.where(valid, (x_y - m) - log_s, 0.0))
     if HAS_ENT:
         tl.store(ent_ptr + row, tl.where(valid, log_s - a / s, 0.0))
-    if WRITE_Q:
-        q_row = q_ptr + row * stride_q
-        for v0 in range(0, V, BLOCK_V):
-            v = v0 + offs
-            inb = v < V
-            x = tl.load(z_row + v, mask=inb, other=0.0).to(tl.float32) * inv_tau
-            q = tl.where(v == y, 1.0, 0.0) - tl.exp((x - m) - log_s)
-            q = tl.where(valid, q, 0.0)
-            if q_ptr.dtype.element_ty == tl.bfloat16:
-                q = _round_bf16(q)
-            tl.store(q_row + v, q.to(q_ptr.dtype.element_ty), mask=inb)
+    if WRITE_U:
+        ref = x_y
+        if valid & (lse - ref > REF_GAP):        # rare: the second read, relative to the max
+            ref = m
+            sig = tl.zeros((), tl.float32)
+            for v0 in range(0, V, BLOCK_V):
+                v = v0 + offs
+                inb = v < V
+                x = tl.load(z_row + v, mask=inb, other=float("-inf")).to(tl.float32) * inv_tau
+                u = tl.where(v != y, tl.exp(x - m), 0.0)
+                sig += tl.sum(u, axis=0)
+                store_rounded(u_row + v, u, inb)
+        tl.store(r_ptr + row, tl.where(valid, tl.exp((ref - m) - log_s), 0.0))
+        tl.store(sig_ptr + row, sig)
 
 
 @triton.jit
 def _grad_logits_kernel(
     z_ptr,                  # [NT, VC] fp32 logits of the vocabulary slice [v_start, v_start+VC)
     gz_ptr,                 # [NT, VC] out: G, W's dtype; may alias z (fp32 W)
+                            # (row strides: the full slice width, a multiple of 16 elements)
     y_ptr,                  # [NT] int targets
     lse_ptr,                # [NT] fp32 from the forward
     coef_ptr,               # [NT] fp32: g_t / tau, 0 for ignored tokens
@@ -452,9 +487,7 @@ def _grad_logits_kernel(
         inb = v < VC
         x = tl.load(z_row + v, mask=inb, other=0.0).to(tl.float32) * inv_tau
         gz = tl.where(v == y_local, coef_y, -coef * tl.exp(x - lse))
-        if gz_ptr.dtype.element_ty == tl.bfloat16:
-            gz = _round_bf16(gz)
-        tl.store(g_row + v, gz.to(gz_ptr.dtype.element_ty), mask=inb)
+        store_rounded(g_row + v, gz, inb)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -470,8 +503,16 @@ def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
 
+def _ref_gap(dtype: torch.dtype) -> float:
+    """_logprob_fwd_kernel's REF_GAP for u rows stored in ``dtype``: u_v <= e^gap must fit it and
+    152k of them times |w| must stay far inside fp32 in the GEMM (e^64 = 6e27); fp16 tops out
+    at 65,504 (e^11)."""
+    return 8.0 if dtype == torch.float16 else 64.0
+
+
 def _triton_forward(hidden, weight, targets, temperature, return_entropy, chunk_size, need_d):
-    """Row chunks: z = h W^T (torch/cuBLAS, fp32 out) -> _logprob_fwd_kernel -> D = q W."""
+    """Row chunks: z = h W^T (torch/cuBLAS, fp32 out) -> _logprob_fwd_kernel, one read of z
+    (it writes u) -> u[t, y_t] = -sigma_t -> D = -r (u W) (the kernel's docstring)."""
     N, T, H = hidden.shape
     V = weight.shape[0]
     NT = N * T
@@ -486,23 +527,32 @@ def _triton_forward(hidden, weight, targets, temperature, return_entropy, chunk_
     if NT > 0:
         C = max(1, min(chunk_size, NT))
         z_buf = torch.empty(C, V, dtype=torch.float32, device=dev)
-        # (onehot - p) in W's dtype, so D = q @ W is a plain (bf16) GEMM with fp32 output; on
-        # CPU (interpreter) too, so the tests see the GPU's rounding of q
-        q_buf = z_buf if weight.dtype == torch.float32 or not need_d else \
-            torch.empty(C, V, dtype=weight.dtype, device=dev)
+        if need_d:
+            # u in W's dtype, so that u @ W is a plain (bf16) GEMM with fp32 output; on CPU
+            # (interpreter) too, so the tests see the GPU's rounding of u. Its own buffer even
+            # for fp32 W: a row's second pass (REF_GAP) reads the logits again.
+            u_buf = torch.empty(C, V, dtype=weight.dtype, device=dev)
+            r = torch.empty(NT, dtype=torch.float32, device=dev)
+            sig = torch.empty(NT, dtype=torch.float32, device=dev)
+            y_safe = torch.where(y != IGNORE_INDEX, y, 0).long()[:, None]
         block = _block_v(V)
         for r0 in range(0, NT, C):
             r1 = min(r0 + C, NT)
-            z, q = z_buf[: r1 - r0], q_buf[: r1 - r0]
+            z = z_buf[: r1 - r0]
+            u = u_buf[: r1 - r0] if need_d else z          # dummy: WRITE_U off
             _mm_fp32(h2[r0:r1], W.T, out=z)
             _logprob_fwd_kernel[(r1 - r0,)](
-                z, q, y[r0:r1], lse[r0:r1], logp[r0:r1],
+                z, u, y[r0:r1], lse[r0:r1], logp[r0:r1],
                 ent[r0:r1] if return_entropy else lse[r0:r1],    # dummy: HAS_ENT off
-                V, z.stride(0), q.stride(0), 1.0 / temperature,
-                IGNORE=IGNORE_INDEX, HAS_ENT=return_entropy, WRITE_Q=need_d,
-                BLOCK_V=block, num_warps=_num_warps(block))
+                r[r0:r1] if need_d else lse[r0:r1], sig[r0:r1] if need_d else lse[r0:r1],
+                V, z.stride(0), u.stride(0), 1.0 / temperature,
+                IGNORE=IGNORE_INDEX, HAS_ENT=return_entropy, WRITE_U=need_d,
+                REF_GAP=_ref_gap(weight.dtype), BLOCK_V=block, num_warps=_num_warps(block))
             if need_d:
-                _mm_fp32(q, W, out=D[r0:r1])
+                u.scatter_(1, y_safe[r0:r1], sig[r0:r1, None].neg().to(u.dtype))    # u_y = -sigma
+                d = D[r0:r1]
+                _mm_fp32(u, W, out=d)
+                d.mul_(r[r0:r1, None].neg())
     return logp.view(N, T), (ent.view(N, T) if return_entropy else ent), lse, D
 
 
@@ -517,14 +567,15 @@ def _triton_weight_grad(coef, coef_y, hidden, weight, targets, lse, temperature,
     if NT == 0:
         return grad.zero_()
     W = _mm_weight_operand(weight)
-    Vc = _vocab_slice(NT, V, chunk_size)
-    z_buf = torch.empty(NT * Vc, dtype=torch.float32, device=hidden.device)
+    Vc = _vocab_slice(NT, V, chunk_size, multiple=16)
+    z_buf = torch.empty(NT, Vc, dtype=torch.float32, device=hidden.device)
     g_buf = z_buf if weight.dtype == torch.float32 else \
-        torch.empty(NT * Vc, dtype=weight.dtype, device=hidden.device)
+        torch.empty(NT, Vc, dtype=weight.dtype, device=hidden.device)
     block = _block_v(Vc)
     for v0 in range(0, V, Vc):
         v1 = min(v0 + Vc, V)
-        z, gz = _flat_view(z_buf, NT, v1 - v0), _flat_view(g_buf, NT, v1 - v0)
+        # every slice, the last (narrower) one too, keeps the row stride Vc: 16-byte aligned rows
+        z, gz = z_buf[:, : v1 - v0], g_buf[:, : v1 - v0]
         _mm_fp32(h2, W[v0:v1].T, out=z)
         _grad_logits_kernel[(NT,)](
             z, gz, y, lse, coef, coef_y, v0, v1 - v0, z.stride(0), gz.stride(0), 1.0 / temperature,

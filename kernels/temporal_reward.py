@@ -12,6 +12,11 @@ and the rollout's reward is the mean of its r_m (eq. 5), a segment mean left to 
 
 Layout: times [M] f32, time_record [M] i64 (record of each time), gt_times [R, Tmax] f32,
 time_mask [R, Tmax] bool, segments [R, Smax, 2] f32 (s <= e), seg_mask [R, Smax] bool.
+
+Precision: the kernel forms the same fp32 argument as the reference and takes libdevice's expf
+(``_device.accurate_exp``, 2 ulp) on GPU, so it is within 3 ulp of torch's exp (1 ulp) there;
+results below the smallest normal fp32 (2^-126) may be flushed to zero (Triton links libdevice
+with flush-to-zero).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import triton
 import triton.language as tl
 
 from visioncoach.kernels._backend import Backend, resolve_backend
+from visioncoach.kernels._device import accurate_exp
 
 __all__ = ["temporal_point_reward", "temporal_point_reward_reference"]
 
@@ -64,7 +70,9 @@ def _temporal_point_reward_kernel(
         s = tl.load(seg_ptr + (rec * Smax + j) * 2, mask=ok, other=0.0).to(tl.float32)
         e = tl.load(seg_ptr + (rec * Smax + j) * 2 + 1, mask=ok, other=0.0).to(tl.float32)
         inside = inside | (valid & (s <= t) & (t <= e))
-    gauss = tl.exp(-(dt * dt) * inv_two_sigma_sq)
+    # libdevice's expf (2 ulp), not tl.exp's ex2.approx of x log2 e, whose error grows with |x|:
+    # the reward is tiny work (a few hundred times per step), so it may as well match torch.
+    gauss = accurate_exp(-(dt * dt) * inv_two_sigma_sq)
     r = tl.where(inside, 1.0, gauss)
     tl.store(out_ptr + offs, tl.where(has_gt, r, 0.0), mask=ok)
 

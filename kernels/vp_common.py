@@ -9,7 +9,9 @@ kernel launch over a grid of (frame, pixel tile), with a plain PyTorch reference
 Geometry. Pixel (x, y) has its centre at (px, py) = (x + 0.5, y + 0.5) in the box coordinate
 frame (pixels, origin at the top-left corner of the frame). Boxes may lie partly or wholly
 outside the frame (rasterisation clips them), may be 1x1, may overlap; swapped corners are
-reordered. NaN boxes cover nothing.
+reordered. A box with any NaN coordinate covers nothing: the corner ordering (min / max)
+propagates NaN in kernel and reference alike (``tl.PropagateNan.ALL``; Triton's default drops
+it, as the GPU's min.f32 does), and every comparison with a NaN bound is false.
 
 Rounding. All arithmetic is fp32; every output value v is written as clamp(floor(v + 0.5), 0, 255).
 

@@ -3,7 +3,8 @@
 * ``darken``: a pixel is *kept* when its centre lies in some padded key-object box,
   x1 - pad <= px <= x2 + pad and y1 - pad <= py <= y2 + pad; every other pixel becomes
   round(c * darken_factor) per channel. A frame with no boxes (box_count 0) is left unchanged:
-  with no key object there is nothing to highlight. Default pad: max(2, round(0.01 max(H, W))).
+  with no key object there is nothing to highlight. A box with a NaN coordinate keeps no pixel
+  (its bounds are NaN; the frame is still darkened). Default pad: max(2, round(0.01 max(H, W))).
 
 Conventions shared with the other VP kernels (pixel centres, fp32, rounding, bit-exactness with
 the reference): ``visioncoach.kernels.vp_common``.
@@ -71,10 +72,13 @@ def _darken_outside_boxes_kernel(src_ptr, dst_ptr, boxes_ptr, count_ptr, H, W, B
         by1 = tl.load(base + 1)
         bx2 = tl.load(base + 2)
         by2 = tl.load(base + 3)
-        x1 = tl.minimum(bx1, bx2) - pad
-        x2 = tl.maximum(bx1, bx2) + pad
-        y1 = tl.minimum(by1, by2) - pad
-        y2 = tl.maximum(by1, by2) + pad
+        # NaN-propagating, as torch.minimum/maximum in the reference: a NaN corner makes the
+        # bounds NaN and the box cover nothing (vp_common). The default min.f32 / max.f32 would
+        # return the other corner and cover pixels the reference does not.
+        x1 = tl.minimum(bx1, bx2, propagate_nan=tl.PropagateNan.ALL) - pad
+        x2 = tl.maximum(bx1, bx2, propagate_nan=tl.PropagateNan.ALL) + pad
+        y1 = tl.minimum(by1, by2, propagate_nan=tl.PropagateNan.ALL) - pad
+        y2 = tl.maximum(by1, by2, propagate_nan=tl.PropagateNan.ALL) + pad
         inside = inside | ((pxc >= x1) & (pxc <= x2) & (pyc >= y1) & (pyc <= y2))
     fac = tl.where(nb > 0, factor, 1.0)
     c = tl.load(src_ptr + off3, mask=m3, other=0)

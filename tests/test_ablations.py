@@ -29,6 +29,7 @@ from visioncoach.trainer import rl
 from visioncoach.utils.dist import DistInfo
 from visioncoach.vp import add_hint, render_vp_reference
 from visioncoach.vp.prompting import can_render, eligible, key_frame_prompt
+from fake_rewards import text_reward as fake_reward  # noqa: E402
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
@@ -52,17 +53,6 @@ def _cfg(**over):
             "vp.selector": "fixed:numpro", "vp.hard_threshold": 100, "loss.beta": 0.0,
             "optim.rl_steps": 1, "log.checkpoint_every": 100}
     return load_config([f"--{k}={v}" for k, v in {**base, **over}.items()])
-
-
-def fake_reward(texts, records, cfg, progress=0.0):
-    """Deterministic, text-dependent components (random weights score 0 on the real rewards)."""
-    codes = [sum(map(ord, t)) for t in texts]
-    out = {"accuracy": torch.tensor([(len(t) % 7) / 6 for t in texts]),
-           "format": torch.tensor([float(len(t) % 2) for t in texts]),
-           "temporal": torch.tensor([(c % 11) / 10 for c in codes]),
-           "spatial": torch.tensor([(c % 3) / 2 for c in codes])}
-    out["total"] = out["accuracy"] + out["format"] + out["temporal"] + out["spatial"]
-    return out
 
 
 def peaked_model():

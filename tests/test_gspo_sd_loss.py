@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -339,6 +340,23 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.visioncoach.gspo_sd_loss.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bits", [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001], ids=hex)
+def test_bf16_gradient_keeps_nan(bits):
+    """A NaN upstream gradient (a GPU's NaN 0x7FFFFFFF, its negative, a signalling NaN) gives a
+    NaN bf16 log-prob gradient, so the trainer's NaN guard sees it. The hand-written rounding the
+    kernel had carried 0x7FFFFFFF into the sign bit (-0.0) and gave 0xFFFFFFFF +0.0. (The
+    interpreter's g / n keeps the payload, as x86 does, so the pattern reaches the rounding.)"""
+    logp, old, ref, adv, mask, gw, sdw = make_inputs(4, 9, torch.bfloat16, False, True, seed=33)
+    _, rows = torch.ops.visioncoach.gspo_sd_loss(logp, None, ref, adv, mask, gw, sdw, 0.2, 0.3, 0.04)
+    g = torch.from_numpy(np.array(bits, dtype=np.uint32).view(np.float32))       # 0-dim
+    grad = torch.ops.visioncoach.gspo_sd_loss_backward(g, logp, ref, mask, rows)
+    assert grad.dtype == torch.bfloat16 and grad.isnan().all(), grad
+    # a finite upstream gradient still gives finite, nearest-even-rounded values
+    fin = torch.ops.visioncoach.gspo_sd_loss_backward(torch.tensor(1.0), logp, ref, mask, rows)
+    assert fin.isfinite().all() and (fin != 0).any()
 
 
 @pytest.mark.gpu

@@ -129,7 +129,9 @@ def test_selector_apply_refuses_a_bad_base_model(tmp_path, capsys):
     assert apply.main(["--selector", str(sel), "--video", str(VIDEOS / "cup.mp4"), "--question", "q",
                        "--num-frames", "1", "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: {tmp_path / 'gone'} is not a local checkpoint folder")
+    # Names the file that holds the path and the flag that overrides it.
+    assert line.startswith(f"error: {sel / 'selector.json'}: the selector's base_model {tmp_path / 'gone'}")
+    assert "is not a local checkpoint folder" in line and "--base-model" in line
 
 
 def test_lora_merged_export_loads_without_peft_and_matches(tmp_path, tokenizer, processor):

@@ -78,7 +78,8 @@ def test_native_extension_built():
     # Where torch is a CUDA build and nvcc is here, the CUDA part must have built too.
     from torch.utils.cpp_extension import CUDA_HOME
     if torch.version.cuda and CUDA_HOME and os.environ.get("VISIONCOACH_BUILD_CUDA", "auto") != "0":
-        assert info["cuda"], info["cuda_error"]
+        assert info["cuda_built"], info["cuda_error"]
+    assert info["cuda_usable"] == (info["cuda_built"] and torch.cuda.is_available())
 
 
 def test_every_subpackage_is_listed_in_pyproject():

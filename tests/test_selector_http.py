@@ -95,7 +95,7 @@ def test_concurrency_cap(server):
     assert len(server.requests) == 6 and server.max_in_flight == 2
 
 
-def test_build_cli_with_http_reasoner(server, tmp_path):
+def test_build_cli_with_http_reasoner(server, tmp_path, capsys):
     data = synthetic.ensure_synthetic(n=6, seed=0, cache=tmp_path / "cache")
     out = tmp_path / "labels.jsonl"
     args = ["--data", str(data), "--out", str(out), "--vp-types", "darken", "raw", "--limit", "2",
@@ -108,5 +108,7 @@ def test_build_cli_with_http_reasoner(server, tmp_path):
     assert build.main(args) == 0                                   # resumed: the next two samples
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 4 and len(server.requests) == 8
-    with pytest.raises(SystemExit, match="--clip-path"):
-        build.main(args[:5] + ["api_prompt"] + args[6:])
+    capsys.readouterr()
+    assert build.main(args[:5] + ["api_prompt"] + args[6:]) == 2      # a usage error: exit 2, one line
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --vp-types") and "--clip-path" in line

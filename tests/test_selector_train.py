@@ -27,7 +27,9 @@ OBJECTS = ["red square", "blue circle", "green square", "yellow circle"]
 @pytest.mark.parametrize("text,label,mapped", [
     ("darken", "darken", True), ("Darken.", "darken", True), ("**circle**", "circle", True),
     ("  RAW!! ", "raw", True), ("API_PROMPT", "api_prompt", True), ("api prompt", "api_prompt", True),
-    ("I would use frame numbering here", "numpro", True), ("The best is circle, not darken", "circle", True),
+    # The label must be the answer: a sentence that only mentions one is no choice.
+    ("frame numbering", "numpro", True), ("I would use frame numbering here", "raw", False),
+    ("The best is circle, not darken", "raw", False),
     ("numpro<|im_end|>", "numpro", True), ("darkn", "darken", True), ("heatmap", "api_prompt", True),
     ("draw", "raw", False), ("banana", "raw", False), ("", "raw", False), ("!!!", "raw", False),
 ])

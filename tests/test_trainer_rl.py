@@ -23,6 +23,7 @@ from visioncoach.trainer import rl
 from visioncoach.utils.dist import DistInfo
 from visioncoach.vp import add_hint, render_vp_reference
 from visioncoach.vp.prompting import key_frame_prompt
+from fake_rewards import text_reward as fake_reward  # noqa: E402
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
 
@@ -43,18 +44,6 @@ def _cfg(**over):
             # and C.1 instead; tests/test_ablations.py covers both settings).
             "vp.candidate_reward": "total", "vp.numpro_frames": "key"}
     return load_config([f"--{k}={v}" for k, v in {**base, **over}.items()])
-
-
-def fake_reward(texts, records, cfg, progress=0.0):
-    """A deterministic reward that varies with the text (random-weight rollouts score 0 on the
-    real rewards, which would leave hard flags, candidates and distillation untested)."""
-    codes = [sum(map(ord, t)) for t in texts]
-    out = {"accuracy": torch.tensor([(len(t) % 7) / 6 for t in texts]),
-           "format": torch.tensor([float(len(t) % 2) for t in texts]),
-           "temporal": torch.tensor([(c % 11) / 10 for c in codes]),
-           "spatial": torch.tensor([(c % 3) / 2 for c in codes])}
-    out["total"] = out["accuracy"] + out["format"] + out["temporal"] + out["spatial"]
-    return out
 
 
 # ----------------------------------------------------------------------------- pieces

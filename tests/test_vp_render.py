@@ -88,6 +88,34 @@ def test_random_boxes_match(vp_type):
     assert torch.equal(out, render_vp_reference(frames, vp_type, boxes, box_count))
 
 
+@pytest.mark.parametrize("vp_type", ["darken", "circle"])
+def test_nan_corners_cover_nothing(vp_type):
+    """A box with a NaN coordinate covers nothing (vp_common), in the kernel as in the
+    reference, bit for bit: NaN in each of the four coordinates, both corners, all four, with
+    and beside a finite box. (The kernel's default tl.minimum / tl.maximum dropped the NaN and
+    kept the other corner: a darkened frame then kept pixels the reference darkens.)"""
+    nan = float("nan")
+    frames = _frames(8, 24, 33, seed=11)
+    good = [4.0, 3.0, 20.0, 15.0]
+    rows = [[nan, 3, 20, 15], [4, nan, 20, 15], [4, 3, nan, 15], [4, 3, 20, nan],
+            [nan, nan, 20, 15], [4, 3, nan, nan], [nan] * 4, [20, 15, nan, 3]]
+    boxes = torch.tensor([[r, good] if f % 2 else [r, [0.0] * 4] for f, r in enumerate(rows)],
+                         dtype=torch.float32)
+    box_count = torch.tensor([1, 2] * 4)            # even frames: the NaN box alone
+    out = render_vp(frames, vp_type, boxes, box_count, backend="triton")
+    ref = render_vp_reference(frames, vp_type, boxes, box_count)
+    assert torch.equal(out, ref), int((out != ref).any(-1).sum())
+    # what "covers nothing" means: the NaN box alone keeps (darken) or draws (circle) nothing,
+    # and beside a finite box the frame renders as with the finite box alone
+    alone = render_vp_reference(frames[::2], vp_type, boxes[::2, :1], torch.ones(4, dtype=torch.long))
+    if vp_type == "darken":
+        assert (alone != frames[::2]).all(-1).sum() > 0.9 * alone[..., 0].numel()
+    else:
+        assert torch.equal(alone, frames[::2])
+    only_good = render_vp_reference(frames[1::2], vp_type, boxes[1::2, 1:], torch.ones(4, dtype=torch.long))
+    assert torch.equal(ref[1::2], only_good)
+
+
 def test_frame_number_edge_indices_match():
     idx = torch.tensor([0, 9, 10, 99, 123456, 98765432, -3])
     frames = _frames(len(idx), 24, 80, seed=5)

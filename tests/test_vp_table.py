@@ -95,7 +95,7 @@ def test_unregistered_type_is_rejected_everywhere():
 
 def test_the_selector_side_picks_it_up(invert):
     assert selector_labels()[-1] == "invert"
-    assert map_label("I would show it in negative colours") == ("invert", True)
+    assert map_label("Negative colours.") == ("invert", True)     # an alias as the whole answer
     assert LabelMapper()("Inverted.") == "invert"
     assert "invert" in resolve_vp_types(None, have_heatmaps=False)
     assert resolve_vp_types(["invert"], have_heatmaps=False) == ["invert"]

@@ -174,6 +174,9 @@ class VPConfig:
     # `fixed:<type>`, `gating` (appendix D.3), `random`, or `none` (plain GSPO).
     selector: str = "model"
     selector_path: str = ""
+    # The selector's base model when it is no longer where its selector.json says (that file
+    # stores the absolute path it was trained on): a model folder, or `tiny`; "" = selector.json's.
+    selector_base_model: str = ""
     # A sample is hard when its mean raw-rollout reward is below the threshold (paper: 2.21),
     # or, in `percentile` mode, below that percentile of the running reward distribution, or,
     # in `relative` mode, below threshold x the most its task can score (accuracy + format, +
@@ -269,6 +272,30 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r}: {msg}")
 
     need(cfg.data.nframes >= 1, "data.nframes", f"must be >= 1, got {cfg.data.nframes}")
+    need(bool(cfg.output_dir.strip()), "output_dir", "must name a folder (an empty one would write into "
+         "the current folder)")
+    need(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0 (0 decodes in the main process), "
+         f"got {cfg.data.num_workers}")
+    need(cfg.data.min_pixels >= 1, "data.min_pixels", f"must be >= 1, got {cfg.data.min_pixels}")
+    need(cfg.data.max_pixels >= 28 * 28, "data.max_pixels", f"must be >= 784 (one 28 x 28 patch), "
+         f"got {cfg.data.max_pixels}")
+    need(cfg.data.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
+    need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step",
+         f"must be >= 1, got {cfg.rollout.prompts_per_step}")
+    for key in ("sft_steps", "rl_steps"):
+        n = getattr(cfg.optim, key)
+        need(n == -1 or n >= 1, f"optim.{key}", f"must be -1 (one epoch) or >= 1, got {n}")
+    need(cfg.optim.eps > 0, "optim.eps", f"must be > 0 (AdamW's denominator term), got {cfg.optim.eps}")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}")
+    need(cfg.dist.timeout_s >= 1, "dist.timeout_s", f"must be >= 1 second, got {cfg.dist.timeout_s}")
+    lora, tiny = cfg.model.lora, cfg.model.tiny
+    need(lora.r >= 1 and lora.alpha > 0, "model.lora.r", "LoRA rank must be >= 1 and alpha > 0")
+    need(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    need(bool(lora.target_modules), "model.lora.target_modules", "must name at least one module")
+    need(min(tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads, tiny.vision_depth,
+             tiny.vision_hidden_size) >= 1, "model.tiny", "sizes must be >= 1")
+    need(tiny.hidden_size % tiny.num_heads == 0 and tiny.num_heads % tiny.num_kv_heads == 0, "model.tiny",
+         "hidden_size must be a multiple of num_heads, and num_heads of num_kv_heads")
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
     need(cfg.data.min_frames >= 1, "data.min_frames", f"must be >= 1, got {cfg.data.min_frames}")
     for i, src in enumerate(cfg.data.sources):
@@ -303,6 +330,9 @@ def _validate(cfg: Config) -> None:
         fixed = sel[len("fixed:"):] if sel.startswith("fixed:") else None
         need(fixed is None or not vp_spec(fixed).needs_clip or bool(cfg.vp.clip_path), "vp.clip_path",
              f"is required for vp.selector {sel}: " + clip_required(str(fixed), "vp.clip_path"))
+    # Set for another selector it would be silently unused.
+    need(not cfg.vp.selector_base_model or sel == "model", "vp.selector_base_model",
+         f"only applies to vp.selector=model (a trained VP-Selector's base model), not {sel!r}")
     bad = [t for t in cfg.vp.types if t not in vp_types()]
     need(not bad, "vp.types", f"unknown visual prompt type(s) {bad}; known: {list(vp_types())}")
     need(cfg.vp.top_n >= 1, "vp.top_n", "must be >= 1")

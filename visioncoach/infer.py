@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"model: {session.source}")
-    output, frame_size, _ = session.generate(clip, user_text(args.question, args.task))
+    try:
+        output, frame_size, _ = session.generate(clip, user_text(args.question, args.task))
+    except ValueError as exc:   # frames the processor cannot take (an extreme aspect ratio, ...)
+        print(f"error: cannot run the model on {args.video}: {exc}", file=sys.stderr)
+        return 2
     doc = write_grounding(args.out, Path(args.video).stem, output, clip.frames, clip.times, frame_size,
                           {"video": str(args.video), "question": args.question})
     print("Reasoning:")

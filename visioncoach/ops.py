@@ -29,7 +29,11 @@ QWEN_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def native_info() -> dict:
-    return {"cpu": True, "cuda": _C_cuda is not None, "cuda_error": _CUDA_ERROR}
+    """Which parts of the native extension loaded: ``cuda_built`` (the CUDA kernels are in this
+    install) vs ``cuda_usable`` (they are built and a GPU is visible: what a run will use)."""
+    built = _C_cuda is not None
+    return {"cpu": True, "cuda_built": built, "cuda_usable": built and torch.cuda.is_available(),
+            "cuda_error": _CUDA_ERROR}
 
 
 @torch.library.register_fake("visioncoach::patchify_normalize")

@@ -1,6 +1,8 @@
 """Entry point: ``torchrun --nproc_per_node=N -m visioncoach.train [--config FILE] [--key=value ...]``.
 
-Start-up: config validation (before any model is built), the process group, the dataset (the
+Start-up: config validation (before any model is built), the process group, the run folder
+claimed (``trainer.runfolder``: its lock, leftovers of killed runs, the resume checkpoints
+checked), the dataset (the
 bundled synthetic one is generated on first use) validated up front, the policy and
 processor, and a preflight that checks that every rank built identical weights and that the
 data path works end to end on this machine (the first sample is decoded, turned into model
@@ -11,13 +13,13 @@ inputs and run forward and backward). Then the stages of ``stage``: the SFT cold
 With the synthetic dataset, a held-out synthetic set (another seed) is rolled out greedily
 before and after SFT: ``summary.json`` records its mean format reward, i.e. whether the cold
 start taught the output format. RL's summary is the mean reward per component over its
-first and last steps. ``--log.resume=auto`` continues the last stage that has a checkpoint
-(an RL checkpoint means SFT is done).
+first and last steps, over every segment of a resumed run (from ``metrics.jsonl``).
+``--log.resume=auto`` continues the last stage that has a checkpoint (an RL checkpoint means
+SFT is done).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -194,6 +196,40 @@ def preflight(model, tokenizer, dataset, cfg, dist_info) -> dict:
             "loss": loss, "fwd_bwd_s": round(elapsed, 3), "records_failed": len(failed)}
 
 
+def check_paths(cfg) -> None:
+    """Every file or folder the config names exists: a ``ConfigError`` naming the key, before
+    anything is built (a missing dataset, resume path or selector would otherwise surface
+    after the model is loaded, or, for the selector, after the whole SFT stage)."""
+    def need(ok: bool, key: str, what: str, value) -> None:
+        if not ok:
+            raise config_lib.ConfigError(f"config key {key!r}: {what} {value} not found")
+
+    d = cfg.data
+    if d.dataset != "synthetic":
+        need(Path(d.dataset).is_file(), "data.dataset", "dataset file", d.dataset)
+    for key in ("video_root", "key_frame_root"):
+        if getattr(d, key):
+            need(Path(getattr(d, key)).is_dir(), f"data.{key}", "folder", getattr(d, key))
+    for i, src in enumerate(d.sources):
+        need(Path(src.media).is_dir(), f"data.sources[{i}].media", "folder", src.media)
+        if src.key_frames:
+            need(Path(src.key_frames).is_dir(), f"data.sources[{i}].key_frames", "folder", src.key_frames)
+    if cfg.stage in ("rl", "sft+rl") and cfg.vp.selector == "model":
+        meta = Path(cfg.vp.selector_path) / "selector.json"
+        need(meta.is_file(), "vp.selector_path", "trained VP-Selector (its selector.json)", meta)
+        from visioncoach.selector.model import check_selector
+
+        try:   # its metadata and base model too, without loading anything
+            check_selector(cfg.vp.selector_path, base_model=cfg.vp.selector_base_model or None,
+                           base_flag="vp.selector_base_model")
+        except (FileNotFoundError, ValueError) as exc:
+            raise config_lib.ConfigError(f"config key 'vp.selector_path': {exc}") from None
+    if cfg.vp.clip_path:
+        need(Path(cfg.vp.clip_path).is_dir(), "vp.clip_path", "CLIP checkpoint folder", cfg.vp.clip_path)
+    if cfg.log.resume not in ("", "auto"):
+        need(Path(cfg.log.resume).is_dir(), "log.resume", "checkpoint folder", cfg.log.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
@@ -214,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 resolve_model_dir(cfg.model.path)
             except ModelDirError as exc:
                 raise config_lib.ConfigError(f"config key 'model.path': {exc}") from None
+        check_paths(cfg)
     except (config_lib.ConfigError, ValueError) as exc:
         print(f"visioncoach.train: config error: {exc}", file=sys.stderr)
         return 2
@@ -224,7 +261,22 @@ def main(argv: list[str] | None = None) -> int:
 
     dist_info = init_distributed(cfg.dist)
     _setup_logging(dist_info.rank)
+    if not (cfg.log.progress and dist_info.is_main):
+        # transformers' own bars ("Writing model shards", "Loading weights") too, not only ours.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    from visioncoach.trainer.runfolder import RunSummary, StartupError, claim_run_folder, stage_rows
+    from visioncoach.trainer.lockstep import empty_steps   # steps no rank had a sample for
+
+    lock = None
     try:
+        try:   # one owner per output_dir, its leftovers cleaned, resume checkpoints checked
+            lock = claim_run_folder(cfg, dist_info)
+        except StartupError as exc:
+            if dist_info.is_main:
+                print(f"visioncoach.train: error: {exc}", file=sys.stderr)
+            return 2
         torch.manual_seed(cfg.seed)
         log.info("world size %d, backend %s, device %s", dist_info.world_size, dist_info.backend,
                  dist_info.device)
@@ -238,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         model, processor, info = build_policy(cfg.model, cfg.data, dist_info.device, seed=cfg.seed)
         report = preflight(model, processor.tokenizer, dataset, cfg, dist_info)
         log.info("preflight: %s", report)
-        summary = {}
+        summary = RunSummary(cfg, dist_info.is_main, t0=t_start)   # summary.json, across resumes
         # Every rank evaluates the held-out set (same samples, same result): under ZeRO-3 the
         # forward passes gather parameters collectively.
         heldout = _heldout_set(cfg, dist_info)
@@ -246,16 +298,18 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.stage in ("sft", "sft+rl") and not rl_ckpt:
             from visioncoach.trainer.sft import SFTRunner
 
-            if heldout is not None:
+            # A resumed run keeps its first segment's number (measured on the same fresh init).
+            if heldout is not None and "heldout_format_before_sft" not in summary:
                 summary["heldout_format_before_sft"] = heldout_format_reward(model, processor.tokenizer,
                                                                              heldout, cfg, reward_fn)
             runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir,
                                processor=processor)
             runner.maybe_resume(cfg.log.resume)
-            history = [m for m in runner.run() if m["loss"] is not None]
+            rows = stage_rows(runner, runner.run())
+            history = [m for m in rows if m["loss"] is not None]
             if history:
                 k = max(1, len(history) // 5)
-                summary["sft"] = {"steps": runner.step,
+                summary["sft"] = {"steps": runner.step, "empty_steps": empty_steps(rows),
                                   "loss_first": sum(m["loss"] for m in history[:k]) / k,
                                   "loss_last": sum(m["loss"] for m in history[-k:]) / k}
             if heldout is not None:
@@ -278,16 +332,17 @@ def main(argv: list[str] | None = None) -> int:
             runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir,
                               reward_fn=reward_fn, processor=processor)
             runner.maybe_resume(cfg.log.resume)
-            history = runner.run()
-            summary["rl"] = rl_summary(history, runner.step)
+            history = stage_rows(runner, runner.run())   # every segment's steps
+            summary["rl"] = {**rl_summary(history, runner.step), "empty_steps": empty_steps(history)}
             log.info("RL: mean reward per component, first -> last steps: %s", summary["rl"]["reward"])
         summary["ranks_identical_after_training"] = ranks_identical(model, dist_info)
-        summary["wall_time_s"] = round(time.perf_counter() - t_start, 1)   # from start-up, this process
+        summary.finish()   # wall_time_s: summed over the segments, each from its start-up
         if dist_info.is_main:
-            write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
             log.info("summary: %s (metrics in %s)", summary, out_dir / "metrics.jsonl")
         return 0
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
 
 

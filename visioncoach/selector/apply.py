@@ -5,17 +5,23 @@ a video and question, the prompt is rendered on the key frames, and the prompted
 the question with the matching hint) can be given to any reasoner.
 
     python -m visioncoach.selector.apply --selector DIR --video V --question Q \\
-        [--objects NAME ...] [--boxes [K:]x1,y1,x2,y2 ...] [--key-times T ...] --out OUT
+        [--objects NAME ...] [--boxes [K:]x1,y1,x2,y2 ...] [--key-times T ...] \\
+        [--base-model DIR] --out OUT
 
-Key frames: at ``--key-times`` (seconds), else ``--num-frames`` uniform frames. Boxes are
-normalised [0, 1] xyxy; ``K:`` pins a box to key frame K (0-based), otherwise it applies to
-every key frame. ``darken`` and ``circle`` need boxes (without them the frames stay
-unchanged, with a warning); a heatmap type (``api_prompt``) needs ``--clip-path`` (an error
-otherwise).
+Key frames: at ``--key-times`` (seconds, within the clip: a later time is an error), else
+``--num-frames`` uniform frames. Boxes are normalised [0, 1] xyxy; ``K:`` pins a box to key
+frame K (0-based), otherwise it applies to every key frame. ``darken`` and ``circle`` are
+drawn only on key frames with boxes (a warning names the others); a heatmap type
+(``api_prompt``) needs ``--clip-path`` (an error otherwise). ``--base-model`` replaces the
+base model ``selector.json`` names (stored as an absolute path when trained) when it moved.
 
-Writes ``OUT/key_frame_NN.png`` (the prompted key frames) and ``OUT/selection.json``: the
-selected type, the selector's raw text, the key-frame times and files, and the question with
-the visual prompt's hint appended (``visioncoach.vp.add_hint``).
+Writes ``OUT/key_frame_NN.png`` (the prompted key frames) and ``OUT/selection.json``, which
+records what was drawn, never more: ``selected`` (the selector's choice; ``raw`` when its
+``selector_text`` named no label, ``selector_mapped`` false), ``vp_type`` (what was drawn:
+the selection when it was drawn on at least one key frame, else ``raw``), ``vp_per_frame``
+(per key frame), ``vp_note`` (why they differ), the key-frame times and files, and
+``prompted_question``: the question with ``vp_type``'s hint appended
+(``visioncoach.vp.add_hint``), so no hint describes marks that are not there.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from visioncoach.selector.cli import HelpFormatter
 
 log = logging.getLogger("visioncoach.selector.apply")
 
@@ -54,9 +62,11 @@ def parse_box_arg(text: str, n_frames: Optional[int] = None) -> tuple[Optional[i
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m visioncoach.selector.apply",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--selector", required=True, help="trained selector folder (visioncoach.selector.train --out)")
+    p.add_argument("--base-model", default=None, metavar="DIR",
+                   help="the selector's base model when it is no longer where selector.json's base_model "
+                        "says (a local model folder, or 'tiny'); default: selector.json's")
     p.add_argument("--video", required=True)
     p.add_argument("--question", required=True)
     p.add_argument("--objects", nargs="+", default=[], help="key object names (given to the selector)")
@@ -81,21 +91,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from visioncoach.selector.frames import KeyFrames, key_frames_at, render_candidates
     from visioncoach.selector.model import Selector
     from visioncoach.vp.heatmap import clip_heatmap_fn
-    from visioncoach.vp.spec import add_hint, clip_required, vp_spec
+    from visioncoach.vp.spec import RAW, add_hint, clip_required, vp_spec
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         for b in args.boxes:
             parse_box_arg(b)                       # flag errors before any decoding
         if args.key_times:
-            frames, times = key_frames_at(args.video, args.key_times, max_side=args.max_side)
+            frames, times = key_frames_at(args.video, args.key_times, max_side=args.max_side,
+                                          flag="--key-times")
         else:
             if args.num_frames < 1:
                 raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
             clip = decode(args.video, nframes=args.num_frames, backend="pyav", max_side=args.max_side)
             frames, times = clip.frames.cpu(), clip.times.tolist()
         boxes = [parse_box_arg(b, len(times)) for b in args.boxes]
-        selector = Selector(args.selector, device=device)
+        selector = Selector(args.selector, device=device, base_model=args.base_model, base_flag="--base-model")
     except (DecodeError, ValueError, FileNotFoundError) as exc:
         # FileNotFoundError includes a selector whose base model folder is bad (ModelDirError).
         print(f"error: {exc}", file=sys.stderr)
@@ -103,19 +114,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = selector.generate_texts([{"question": args.question, "frames": frames,
                                      "key_objects": args.objects}])[0]
     vp = selector.mapper(text)
-    if selector.unmapped:
+    mapped = selector.unmapped == 0
+    if not mapped:
         log.warning("selector output %r names no visual prompt: using raw", text)
     log.info("selected visual prompt: %s", vp)
     spec = vp_spec(vp)
     if spec.needs_clip and not args.clip_path:
         print(f"error: the selector chose {vp}: " + clip_required(vp, "--clip-path DIR"), file=sys.stderr)
         return 2
-    if spec.needs == "boxes" and not boxes:
-        log.warning("%s needs key-object boxes (--boxes): the key frames are left unchanged", vp)
     objects = [{"key object": [b for k, b in boxes if k is None or k == i]} for i in range(len(times))]
+    # What is drawn on each key frame: a box type only where that frame has boxes (the kernel
+    # leaves the others unchanged); the other types on every key frame. selection.json and
+    # the hint record this, not the selection, so neither describes marks that are not there.
+    drawn = [bool(o["key object"]) if spec.needs == "boxes" else vp != RAW for o in objects]
+    per_frame = [vp if d else RAW for d in drawn]
+    vp_type, note = (vp if any(drawn) else RAW), ""
+    if vp != RAW and not all(drawn):
+        missing = [i for i, d in enumerate(drawn) if not d]
+        note = (f"{vp} needs key-object boxes (--boxes): nothing drawn, recorded as raw" if not any(drawn)
+                else f"{vp} drawn on key frames {[i for i, d in enumerate(drawn) if d]} only; "
+                     f"key frames {missing} have no boxes (--boxes K:...) and stay raw")
+        log.warning("%s", note)
     kf = KeyFrames(frames, list(times), [o if o["key object"] else {} for o in objects])
     heatmap_fn = clip_heatmap_fn(args.clip_path, device) if spec.needs_clip else None
-    prompted = render_candidates(kf, [vp], args.question, heatmap_fn)[vp].cpu().numpy()
+    prompted = render_candidates(kf, [vp_type], args.question, heatmap_fn)[vp_type].cpu().numpy()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -123,11 +145,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name = f"key_frame_{i:02d}.png"
         Image.fromarray(img).save(out / name)
         files.append(name)
-    selection = {"vp_type": vp, "selector_text": text, "question": args.question,
-                 "prompted_question": add_hint(args.question, vp), "key_times": [round(t, 3) for t in times],
+    selection = {"vp_type": vp_type, "vp_per_frame": per_frame, "selected": vp, "selector_mapped": mapped,
+                 "selector_text": text, "question": args.question,
+                 "prompted_question": add_hint(args.question, vp_type), "key_times": [round(t, 3) for t in times],
                  "frames": files, "objects": args.objects, "boxes": [[k, list(b)] for k, b in boxes]}
+    if note:
+        selection["vp_note"] = note
     (out / "selection.json").write_text(json.dumps(selection, indent=1))
-    print(json.dumps({"vp_type": vp, "out": str(out), "frames": len(files)}))
+    print(json.dumps({"vp_type": vp_type, "selected": vp, "out": str(out), "frames": len(files)}))
     return 0
 
 

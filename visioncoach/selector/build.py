@@ -17,7 +17,9 @@ re-derived with other rules) and ``status``: ``labelled``, ``dropped`` (no type 
 reasoners correct; label null) or ``skipped`` (a bad record: no key frames, an undecodable
 video, a record the scorer rejects; ``reason`` says why). A sample whose reasoner could not
 be reached (``ReasonerUnavailable`` after the retries) is not written, so the next run
-retries it. ``OUT.meta.json`` holds the settings and the cumulative counts.
+retries it; a run in which that happened to every sample it tried (all reasoners down, a
+wrong URL) writes nothing and exits 1 with one ``error:`` line, where bad flags or files
+exit 2. ``OUT.meta.json`` holds the settings and the cumulative counts.
 
 Resumable: ids already in ``--out`` are skipped. Each line is written with one ``write``
 and flushed and fsynced; a crash can only leave a partial last line, which the next run
@@ -41,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from visioncoach.selector.cli import HelpFormatter
 from visioncoach.selector.frames import load_key_frames, render_candidates, resolve_vp_types
 from visioncoach.selector.reasoners import (Reasoner, ReasonerRequest, ReasonerUnavailable,
                                             distinct_names, reasoner_from_spec)
@@ -80,6 +83,9 @@ class BuildStats:
     malformed_replies: int = 0
     key_objects_extracted: int = 0
     labels: dict = field(default_factory=dict)
+    # Why the last unreachable-reasoner failure happened (not a count: a plain attribute, not
+    # a field, so it stays out of the cumulative counts in OUT.meta.json).
+    last_failure = ""
 
     def add(self, other: dict) -> None:
         for k, v in other.items():
@@ -266,6 +272,7 @@ def run_build(dataset, reasoners: Sequence[Reasoner], out: str | Path, opts: Bui
                     line, counts = fut.result()
                 except ReasonerUnavailable as exc:
                     stats.failed += 1
+                    stats.last_failure = str(exc)
                     log.warning("sample %d (%s): %s; not written, retried on the next run", i,
                                 dataset.records[i]["id"], exc)
                 else:
@@ -291,8 +298,7 @@ def run_build(dataset, reasoners: Sequence[Reasoner], out: str | Path, opts: Bui
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m visioncoach.selector.build",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="STGR dataset (JSON list or JSONL) with key frames and boxes")
     p.add_argument("--video-root", default=None, help="folder video_path is relative to (default: the data file's)")
     p.add_argument("--out", required=True, help="output JSONL (appended to; resumable)")
@@ -310,14 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=DEFAULT_TAU,
                    help="seconds between a claim's time and a key frame for its boxes to count")
     p.add_argument("--max-side", type=int, default=768, help="key frames are decoded at most this long side")
-    p.add_argument("--darken-factor", type=float, default=0.3)
+    p.add_argument("--darken-factor", type=float, default=0.3,
+                   help="darken: pixels outside the key objects are multiplied by this")
     p.add_argument("--workers", type=int, default=4, help="samples processed concurrently")
     p.add_argument("--timeout", type=float, default=60.0, help="HTTP request timeout, seconds")
     p.add_argument("--retries", type=int, default=3, help="HTTP retries after the first attempt")
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay, doubled each retry")
     p.add_argument("--max-concurrency", type=int, default=4, help="HTTP requests in flight per reasoner")
     p.add_argument("--keep-replies", action="store_true", help="store the raw replies in the output")
-    p.add_argument("--limit", type=int, default=None, help="label at most this many new samples")
+    p.add_argument("--limit", type=int, default=None, help="label at most this many new samples (default: all)")
     p.add_argument("--device", default="cpu", help="device for CLIP heatmaps")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -329,16 +336,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from visioncoach.data.stgr import DatasetError, load_stgr
 
+    def error(msg: str, code: int = 2) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return code
+
     if args.workers < 1 or args.max_side < 1:
-        raise SystemExit("--workers and --max-side must be >= 1")
+        return error(f"--workers and --max-side must be >= 1, got {args.workers} and {args.max_side}")
     if not 0 <= args.rouge_threshold <= 1 or args.tau < 0:
-        raise SystemExit("--rouge-threshold must be in [0, 1] and --tau >= 0")
+        return error("--rouge-threshold must be in [0, 1] and --tau >= 0")
     try:
         vp_types = resolve_vp_types(args.vp_types, bool(args.clip_path))
         defaults = {"timeout": args.timeout, "retries": args.retries, "backoff": args.backoff,
                     "max_concurrency": args.max_concurrency}
         reasoners = [reasoner_from_spec(s, defaults) for s in args.reasoner]
-        extractor = (reasoner_from_spec(args.key_object_reasoner, defaults)
+        extractor = (reasoner_from_spec(args.key_object_reasoner, defaults, flag="--key-object-reasoner")
                      if args.key_object_reasoner else reasoners[0])
         dataset = load_stgr(args.data, args.video_root)
         heatmap_fn = None
@@ -350,12 +361,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             max_side=args.max_side, workers=args.workers,
                             keep_replies=args.keep_replies, darken_factor=args.darken_factor,
                             progress=not args.no_progress)
-        run_build(dataset, reasoners, args.out, opts, key_object_reasoner=extractor,
-                  heatmap_fn=heatmap_fn, limit=args.limit,
-                  settings={"data": str(Path(args.data).resolve()), "max_side": args.max_side,
-                            "darken_factor": args.darken_factor})
+        stats = run_build(dataset, reasoners, args.out, opts, key_object_reasoner=extractor,
+                          heatmap_fn=heatmap_fn, limit=args.limit,
+                          settings={"data": str(Path(args.data).resolve()), "max_side": args.max_side,
+                                    "darken_factor": args.darken_factor})
     except (ValueError, FileNotFoundError, DatasetError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+        return error(str(exc))
+    if stats.failed and not (stats.labelled or stats.dropped or stats.skipped):
+        # Nothing was written: a run that "succeeds" here would hide dead servers or wrong URLs.
+        return error(f"nothing could be labelled: a reasoner was unreachable for all {stats.failed} "
+                     f"sample(s) tried (last: {stats.last_failure}); nothing was written to {args.out}; "
+                     "check the --reasoner specs and servers, then rerun", code=1)
     return 0
 
 

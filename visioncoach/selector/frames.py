@@ -64,14 +64,20 @@ class KeyFrames:
 
 
 def key_frames_at(path: str | Path, times: Sequence[float], *, max_side: Optional[int] = None,
-                  backend: str = "pyav") -> tuple[torch.Tensor, list[float]]:
+                  backend: str = "pyav", flag: Optional[str] = None) -> tuple[torch.Tensor, list[float]]:
     """Frames [K, H, W, 3] at the given times (one per time, in the given order) and the
-    decoded frames' times. Raises ``visioncoach.data.decode.DecodeError``."""
+    decoded frames' times. Raises ``visioncoach.data.decode.DecodeError``; with ``flag`` (the
+    option the times came from), a time past the clip's end is a ValueError naming it and the
+    clip's duration (the decoder would silently take the last frame)."""
     from visioncoach.data.decode import DecodeError, decode
 
     if not times:
         raise DecodeError(path, "no key-frame times")
     clip = decode(path, nframes=0, key_times=list(times), backend=backend, max_side=max_side)
+    late = [t for t in times if t > clip.duration + 1e-3]
+    if flag and late:
+        raise ValueError(f"{flag} {late[0]:g}: {path} is only {clip.duration:.2f} s long "
+                         f"(key-frame times must be in [0, {clip.duration:.2f}])")
     # decode() returns distinct frames in time order; two key times on one frame share it.
     ct = clip.times.tolist()
     pick = [min(range(len(ct)), key=lambda j: abs(ct[j] - t)) for t in times]

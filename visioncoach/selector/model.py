@@ -10,7 +10,8 @@ ends at the last position; the loss is token-level cross-entropy on the target t
 
 A saved selector is a folder with the peft adapter (``adapter_config.json``,
 ``adapter_model.safetensors``) and ``selector.json``: labels, prompt version, base model
-(a local checkpoint path, or ``tiny`` with its seed), pixel budget of the contact sheet,
+(a local checkpoint path, or ``tiny`` with its seed; stored absolute, so a moved model is
+given with ``BASE_OVERRIDES``), pixel budget of the contact sheet,
 key-frame decoding size, and the training settings and results.
 """
 
@@ -31,9 +32,18 @@ from visioncoach.selector.templates import SELECTOR_PROMPT_VERSION, selector_ins
 log = logging.getLogger(__name__)
 
 __all__ = ["SelectorInput", "Selector", "SELECTOR_META", "LORA_TARGET_MODULES", "load_base",
-           "encode", "label_loss", "sheet_for"]
+           "encode", "label_loss", "sheet_for", "check_selector", "UNMAPPED_WARN_FRACTION",
+           "UNMAPPED_WARN_MIN", "BASE_OVERRIDES"]
 
 SELECTOR_META = "selector.json"
+# ``Selector.predict`` warns when more than this fraction of the latest outputs (the mapper's
+# window, ``labels.RECENT_WINDOW`` = 64) named no label, once it has seen UNMAPPED_WARN_MIN
+# outputs, and again at most once per window: a selector that writes no label most of the
+# time is, in effect, ``raw`` everywhere, which only a count would otherwise show.
+UNMAPPED_WARN_FRACTION = 0.25
+UNMAPPED_WARN_MIN = 8
+# Where each tool takes a replacement for selector.json's base_model (named in errors).
+BASE_OVERRIDES = "--base-model DIR (selector.apply) or vp.selector_base_model=DIR (RL training)"
 # q, k, v, o and MLP projections of the language model (the vision tower's blocks reuse the
 # MLP names, so a regex keeps LoRA off them; appendix C.4 adapts the LLM).
 LORA_TARGET_MODULES = (r"(?:.*\.)?language_model\.layers\.\d+\."
@@ -116,6 +126,47 @@ def label_loss(model, enc: Mapping[str, torch.Tensor], n_target: Sequence[int]) 
     return loss, hit
 
 
+def check_selector(path: str | Path, *, base_model: Optional[str] = None,
+                   base_flag: Optional[str] = None) -> tuple[dict, str, str]:
+    """(metadata, base model, where the base model came from) of a saved selector, checked
+    without loading anything (start-up code can call it): FileNotFoundError without
+    selector.json, ValueError for malformed metadata or another prompt version, and a
+    ``ModelDirError`` when the base model (``base_model``, the override set with ``base_flag``,
+    else selector.json's) is no local model folder, naming selector.json or the override."""
+    from visioncoach.models.resolve import ModelDirError, resolve_model_dir
+
+    meta_file = Path(path) / SELECTOR_META
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: not a saved VP-Selector "
+                                "(python -m visioncoach.selector.train writes one)")
+    try:
+        meta = json.loads(meta_file.read_text())
+        tuple(meta["labels"])
+        base = str(meta["base_model"])
+        if meta.get("prompt_version") == SELECTOR_PROMPT_VERSION:
+            int(meta["min_pixels"]), int(meta["max_pixels"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_file}: malformed selector metadata ({exc!r})") from None
+    if meta.get("prompt_version") != SELECTOR_PROMPT_VERSION:
+        raise ValueError(f"{meta_file}: prompt_version {meta.get('prompt_version')!r} does not "
+                         f"match this code's {SELECTOR_PROMPT_VERSION!r}; retrain the selector")
+    source = f"{meta_file}'s base_model"
+    if base_model:
+        base, source = str(base_model), base_flag or "the base_model override"
+    if base != "tiny":
+        # Checked here, before the shared loader, so that the error names what a selector's user
+        # can change (selector.json's base_model, the override), not a training config key.
+        try:
+            resolve_model_dir(base)
+        except ModelDirError as exc:
+            if base_model:
+                raise ModelDirError(f"{source} {base_model}: {exc}") from None
+            raise ModelDirError(
+                f"{meta_file}: the selector's base_model {base} cannot be loaded ({exc}); if the "
+                f"model has moved, pass its new location with {base_flag or BASE_OVERRIDES}") from None
+    return meta, base, source
+
+
 def _frames_array(frames) -> np.ndarray:
     arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if arr.ndim == 3:
@@ -129,30 +180,25 @@ class Selector:
     a prompt class).
 
     ``Selector(path, device=..., batch_size=8)`` loads the base model named in
-    ``path/selector.json``, applies the adapter and merges it. ``predict(batch)`` takes
-    ``SelectorInput``s or mappings with ``question``, ``frames`` (raw key frames, uint8
-    [K, H, W, 3]) and optionally ``key_objects``; returns one label per sample, in order.
-    Texts that map to no label give ``raw`` and are counted in ``unmapped``.
+    ``path/selector.json`` (or ``base_model``, a folder or ``tiny``, when the one it was
+    trained on has moved; ``base_flag`` is how the caller's user sets it, for errors),
+    applies the adapter and merges it. A base model that cannot be found is a
+    ``ModelDirError`` naming selector.json (or ``base_flag``) and how to override it.
+    ``predict(batch)`` takes ``SelectorInput``s or mappings with ``question``, ``frames``
+    (raw key frames, uint8 [K, H, W, 3]) and optionally ``key_objects``; returns one label per
+    sample, in order. Texts that map to no label give ``raw`` and are counted in
+    ``unmapped``; a high recent fraction of them is warned about (``UNMAPPED_WARN_FRACTION``).
     """
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: str = "auto",
-                 batch_size: int = 8, max_new_tokens: Optional[int] = None):
+                 batch_size: int = 8, max_new_tokens: Optional[int] = None,
+                 base_model: Optional[str] = None, base_flag: Optional[str] = None):
         from peft import PeftModel
 
         self.path = Path(path)
-        meta_file = self.path / SELECTOR_META
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file} not found: not a saved VP-Selector "
-                                    "(python -m visioncoach.selector.train writes one)")
-        try:
-            self.meta = json.loads(meta_file.read_text())
-            self.labels = tuple(self.meta["labels"])
-            base = self.meta["base_model"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{meta_file}: malformed selector metadata ({exc})") from None
-        if self.meta.get("prompt_version") != SELECTOR_PROMPT_VERSION:
-            raise ValueError(f"{meta_file}: prompt_version {self.meta.get('prompt_version')!r} does not "
-                             f"match this code's {SELECTOR_PROMPT_VERSION!r}; retrain the selector")
+        self.meta, base, self.base_source = check_selector(path, base_model=base_model, base_flag=base_flag)
+        self.labels = tuple(self.meta["labels"])
+        self.base_model = base
         self.device = torch.device(device)
         model, self.processor = load_base(base, self.device, dtype=dtype,
                                           seed=int(self.meta.get("tiny_seed", 0)),
@@ -165,11 +211,29 @@ class Selector:
         self.max_new_tokens = int(max_new_tokens or self.meta.get("max_new_tokens", 8))
         self.mapper = LabelMapper(self.labels)
         self.max_side = self.meta.get("max_side")
+        self._warned_at: Optional[int] = None    # mapper.total at the last high-unmapped warning
+        log.info("%s", self.describe())
+
+    def describe(self) -> str:
+        """Which selector this is: folder, labels, base model (and where that came from)."""
+        return (f"VP-Selector {self.path}: labels {list(self.labels)}, base model {self.base_model} "
+                f"(from {self.base_source}), prompt version {self.meta.get('prompt_version')}")
 
     @property
     def unmapped(self) -> int:
         """How many generated texts mapped to no label (and became ``raw``) so far."""
         return self.mapper.unmapped
+
+    def _warn_if_mostly_unmapped(self) -> None:
+        bad, seen = self.mapper.recent_unmapped()
+        if (seen >= UNMAPPED_WARN_MIN and bad > UNMAPPED_WARN_FRACTION * seen
+                and (self._warned_at is None
+                     or self.mapper.total - self._warned_at >= self.mapper.recent.maxlen)):
+            self._warned_at = self.mapper.total
+            log.warning("%s: %d of its last %d outputs named no visual prompt and became raw "
+                        "(e.g. %r); a selector that does this is raw nearly everywhere: check its "
+                        "training (teacher-forced accuracy in selector.json) and base model",
+                        self.path, bad, seen, self.mapper.last_unmapped)
 
     @staticmethod
     def _fields(item) -> tuple[str, np.ndarray, Sequence[str]]:
@@ -212,7 +276,9 @@ class Selector:
 
     def predict(self, batch: Sequence) -> list[str]:
         """One label per sample (class docstring)."""
-        return [self.mapper(t) for t in self.generate_texts(list(batch))]
+        labels = [self.mapper(t) for t in self.generate_texts(list(batch))]
+        self._warn_if_mostly_unmapped()
+        return labels
 
     def choose_for_samples(self, samples: Sequence) -> list[str]:
         """One label per decoded training sample (``data.loader.ClipSample``, the RL trainer's

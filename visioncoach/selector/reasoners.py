@@ -137,6 +137,15 @@ class LocalVLMReasoner:
         from visioncoach.models.policy import build_policy
 
         self.name = name
+        if path:
+            from visioncoach.models.resolve import ModelDirError, resolve_model_dir
+
+            # Checked here, so the error is about this reasoner's path=, not a training key
+            # of the shared loader (reasoner_from_spec adds the spec).
+            try:
+                resolve_model_dir(path)
+            except ModelDirError as exc:
+                raise ValueError(f"path={path}: {exc}") from None
         dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         mcfg = ModelConfig(path=path, dtype=dtype, gradient_checkpointing=False)
         dcfg = DataConfig(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -187,8 +196,9 @@ def _parse_value(v: str) -> Any:
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def reasoner_from_spec(spec: str, defaults: Optional[dict] = None) -> Reasoner:
-    """A reasoner from ``KIND:key=value,...`` (``flag`` errors name the spec):
+def reasoner_from_spec(spec: str, defaults: Optional[dict] = None, flag: str = "--reasoner") -> Reasoner:
+    """A reasoner from ``KIND:key=value,...``; any failure to build it is a ValueError naming
+    ``flag`` (the option the spec came from) and the spec:
 
     * ``http:name=gpt4o,base_url=https://api.openai.com/v1,model=gpt-4o,api_key_env=OPENAI_API_KEY``
       (also timeout, retries, backoff, max_concurrency, max_tokens, temperature)
@@ -204,12 +214,12 @@ def reasoner_from_spec(spec: str, defaults: Optional[dict] = None) -> Reasoner:
     if kind == "import":
         target, _, rest = rest.partition(",")
         if ":" not in target:
-            raise ValueError(f"--reasoner {spec!r}: import specs are import:module:attr[,key=value...]")
+            raise ValueError(f"{flag} {spec!r}: import specs are import:module:attr[,key=value...]")
     kwargs: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = part.partition("=")
         if not eq or not key:
-            raise ValueError(f"--reasoner {spec!r}: {part!r} is not key=value")
+            raise ValueError(f"{flag} {spec!r}: {part!r} is not key=value")
         kwargs[key.strip()] = value.strip() if key.strip() in ("name", "base_url", "model", "path",
                                                                 "api_key_env") else _parse_value(value.strip())
     try:
@@ -228,9 +238,11 @@ def reasoner_from_spec(spec: str, defaults: Optional[dict] = None) -> Reasoner:
             if not isinstance(obj, Reasoner):
                 raise ValueError(f"{target} returned {type(obj).__name__}, which has no name/complete()")
             return obj
-    except (TypeError, ValueError, ImportError, AttributeError) as exc:
-        raise ValueError(f"--reasoner {spec!r}: {exc}") from None
-    raise ValueError(f"--reasoner {spec!r}: kind must be http, local or import, got {kind!r}")
+    except Exception as exc:   # noqa: BLE001 -- whatever a back-end or factory raises, name the spec
+        what = str(exc) if isinstance(exc, (TypeError, ValueError, ImportError, AttributeError)) \
+            else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{flag} {spec!r}: {what}") from None
+    raise ValueError(f"{flag} {spec!r}: kind must be http, local or import, got {kind!r}")
 
 
 def distinct_names(reasoners: Sequence[Reasoner]) -> None:

@@ -42,6 +42,7 @@ import torch
 from visioncoach.models.resolve import ModelDirError, resolve_model_dir
 from visioncoach.utils.files import write_text_atomic
 
+from visioncoach.selector.cli import HelpFormatter
 from visioncoach.selector.labels import selector_labels
 from visioncoach.selector.model import (LORA_TARGET_MODULES, SELECTOR_META, encode, label_loss,
                                         load_base)
@@ -52,9 +53,12 @@ log = logging.getLogger("visioncoach.selector.train")
 __all__ = ["main", "load_labelled", "prepare_sheets", "train_selector"]
 
 
-def load_labelled(paths: Sequence[str | Path], labels: Sequence[str]) -> tuple[list[dict], list[str]]:
+def load_labelled(paths: Sequence[str | Path], labels: Sequence[str],
+                  unlabelled: Optional[dict] = None) -> tuple[list[dict], list[str]]:
     """Labelled samples from build JSONL files, and the problems of skipped lines (each names
-    file and line). Dropped samples (label null) are not problems."""
+    file and line). Lines the build left without a label (status ``dropped``: no VP type had
+    every reasoner correct; ``skipped``: a bad record) are not problems; they are counted by
+    status into ``unlabelled`` when given."""
     samples, problems = [], []
     for path in map(Path, paths):
         if not path.is_file():
@@ -68,6 +72,9 @@ def load_labelled(paths: Sequence[str | Path], labels: Sequence[str]) -> tuple[l
                 problems.append(f"{path}:{n}: invalid JSON ({exc})")
                 continue
             if not isinstance(rec, dict) or rec.get("label") is None:
+                if unlabelled is not None:
+                    status = str(rec.get("status", "no label")) if isinstance(rec, dict) else "not an object"
+                    unlabelled[status] = unlabelled.get(status, 0) + 1
                 continue
             why = None
             if rec["label"] not in labels:
@@ -226,7 +233,7 @@ def train_selector(samples: list[dict], out: Path, *, base: str = "tiny", labels
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m visioncoach.selector.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", nargs="+", required=True, help="JSONL file(s) written by visioncoach.selector.build")
     p.add_argument("--out", required=True, help="output folder (adapter + selector.json)")
     p.add_argument("--base-model", default="tiny",
@@ -256,20 +263,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+
+    def error(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
     for flag in ("epochs", "batch_size", "lora_r", "lora_alpha", "min_pixels", "max_pixels", "max_side"):
         if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            return error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.lora_dropout < 1:
-        raise SystemExit("--lr must be > 0, --weight-decay >= 0 and --lora-dropout in [0, 1)")
+        return error("--lr must be > 0, --weight-decay >= 0 and --lora-dropout in [0, 1)")
     if args.base_model != "tiny":
         try:
             resolve_model_dir(args.base_model)
         except ModelDirError as exc:
-            raise SystemExit(f"error: --base-model: {exc}") from None
+            return error(f"--base-model: {exc}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out)
     labels = selector_labels()
-    samples, problems = load_labelled(args.data, labels)
+    unlabelled: dict = {}
+    try:
+        samples, problems = load_labelled(args.data, labels, unlabelled)
+    except FileNotFoundError as exc:
+        return error(str(exc))
     cache = Path(args.sheet_cache) if args.sheet_cache else out / "contact_sheets"
     samples, decode_problems = prepare_sheets(samples, cache, args.max_side)
     problems += decode_problems
@@ -279,6 +295,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.warning("%d sample(s) skipped in all", len(problems))
     counts = {lab: sum(s["label"] == lab for s in samples) for lab in labels}
     log.info("%d labelled samples: %s", len(samples), counts)
+    if not samples:
+        # Say what the files held: lines the build left unlabelled are not logged as problems.
+        why = {"dropped": "dropped by the build (no visual prompt type had every reasoner correct)",
+               "skipped": "skipped by the build (bad records; see each line's 'reason')"}
+        held = [f"{n} {why.get(status, f'with status {status!r} and no label')}"
+                for status, n in sorted(unlabelled.items())]
+        if problems:
+            held.append(f"{len(problems)} unusable (logged above)")
+        return error(f"no labelled samples to train on in --data {' '.join(args.data)}: "
+                     f"{'; '.join(held) or 'no sample lines at all'}")
     try:
         meta = train_selector(samples, out, base=args.base_model, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -290,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
                               skipped=len(problems))
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        return error(str(exc))
     log.info("selector saved to %s (%d samples, final loss %.4f)", out, meta["train"]["samples"],
              meta["train"]["history"][-1]["loss"])
     return 0

@@ -6,7 +6,12 @@ adapter), the optimizer, scheduler and RNG states, and ``trainer_state.json`` (s
 data position). It is written into a hidden temporary folder next to it and renamed into
 place only when complete, and ``latest`` (a small text file, itself replaced atomically)
 names the newest one. A crash at any point leaves the previous checkpoint and ``latest``
-valid.
+valid; the temporary folder is named after its writer (pid, host), so a later save or start
+removes it once that writer is dead (``clean_stale_temps``).
+
+Loading never unpickles code: ``trainer.pt`` holds tensors and plain data only (the RNG
+states included) and, like DeepSpeed's partition files, is read with
+``torch.load(weights_only=True)`` (``safe_load``; a file that needs more is refused).
 
 The model folder is complete for inference: with the processor it holds the image / video
 processor settings (pixel bounds) and the tokenizer with its chat template, so
@@ -18,8 +23,10 @@ adapters merged into the base weights, for inference without peft.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,17 +36,81 @@ import torch
 
 from visioncoach.models.resolve import LATEST, MERGED_DIR, MODEL_DIR, STATE
 from visioncoach.utils.files import write_text_atomic
+from visioncoach.utils.runlock import host_tag, pid_alive
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as it is (the message says why and what to do)."""
+
+
+# Beyond tensors and plain containers, what our trainer.pt files ever held (numpy's RNG state,
+# before it was saved as a tensor) and what DeepSpeed's own ZeRO files hold: data classes
+# whose unpickling constructs them and sets their fields, and never calls anything else.
+def _allowed_globals(deepspeed: bool) -> list:
+    out = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype,   # [0]: numpy's _reconstruct
+           type(np.dtype(np.uint32))]
+    if deepspeed:      # only then: importing DeepSpeed takes seconds
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return out
+
+
+def safe_load(path: str | Path, map_location="cpu", mmap: bool = False, deepspeed: bool = False):
+    """``torch.load`` with ``weights_only=True``: tensors, plain containers and the few data
+    classes of ``_allowed_globals`` (DeepSpeed's with ``deepspeed``, for its files). A file
+    that needs anything else (a pickled object whose loading would run code) is a
+    ``CheckpointError``, not executed."""
+    import pickle
+
+    with torch.serialization.safe_globals(_allowed_globals(deepspeed)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as exc:
+            # torch's message: boilerplate paragraphs around the one that names the culprit.
+            parts = [p.strip() for p in str(exc).split("\n\n") if p.strip() and not p.strip().startswith(
+                ("Weights only load failed", "Please file an issue", "Check the documentation"))]
+            why = parts[0].splitlines()[0] if parts else str(exc).splitlines()[0]
+            raise CheckpointError(
+                f"{path}: refused to load: it holds Python objects beyond tensors and plain data, "
+                f"and unpickling them could run code ({why}). Checkpoints are loaded with "
+                "torch.load(weights_only=True); only resume from checkpoints this trainer wrote") from None
+
+
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Every pickle file of checkpoint ``ckpt`` (trainer.pt, DeepSpeed's partitions) loads under
+    ``safe_load`` (memory-mapped: its tensors are not read); ``CheckpointError`` otherwise."""
+    ckpt = Path(ckpt)
+    if not (ckpt / STATE).is_file():
+        raise CheckpointError(f"{ckpt} is not a checkpoint (no {STATE})")
+    for f in [ckpt / "trainer.pt", *sorted((ckpt / "deepspeed").rglob("*.pt"))]:
+        if f.is_file():
+            ds = f.parent != ckpt
+            try:
+                safe_load(f, mmap=True, deepspeed=ds)
+            except RuntimeError as exc:
+                if isinstance(exc, CheckpointError) or "mmap" not in str(exc):
+                    raise
+                safe_load(f, deepspeed=ds)    # the legacy (non-zip) format cannot be memory-mapped
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    # numpy's state as a tensor plus plain values: trainer.pt then loads with weights_only=True.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    kind, keys, *rest = s["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -49,6 +120,49 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+# Hidden work folders next to the checkpoints: ".step-N.<pid>.<host>.<random>" (save_checkpoint),
+# ".deepspeed-N.<pid>.<host>" (DeepSpeed's staging, StageRunner.save), ".step-N.old" (a
+# checkpoint being replaced) and write_text_atomic's ".latest.<random>.tmp". The writer's pid
+# and host say when one is a leftover: its writer is dead.
+_TEMP = re.compile(r"^\.(?P<name>step-\d+|deepspeed-\d+)(?:\.(?P<pid>\d+)\.(?P<host>[A-Za-z0-9_-]+)(?:\..*)?"
+                   r"|\.(?P<old>old)|\..*)?$|^\.latest\..*\.tmp$")
+
+
+def temp_name(kind: str, step: int) -> str:
+    """The hidden name of this process's work folder for ``kind`` (step / deepspeed) ``step``."""
+    return f".{kind}-{int(step):08d}.{os.getpid()}.{host_tag()}"
+
+
+def clean_stale_temps(folder: str | Path, everything: bool = False) -> list[str]:
+    """Remove the work folders of dead writers in a stage's checkpoint folder (all of them with
+    ``everything``: the caller holds the run lock, so no writer is alive); returns their names.
+    A ``.step-N.old`` whose ``step-N`` is missing (killed while replacing it) is put back."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        m = _TEMP.match(p.name)
+        if m is None:
+            continue
+        if m["old"]:
+            final = folder / m["name"]
+            if not final.exists():
+                os.replace(p, final)
+                log.warning("%s: restored from %s (a save was killed while replacing it)", final, p.name)
+                continue
+            # else: the replacement was published; the old copy is garbage whoever wrote it
+        elif m["pid"] and not everything:
+            if m["host"] != host_tag() or pid_alive(int(m["pid"])):
+                continue              # another host's, or a live writer's: not ours to judge
+        elif not everything:
+            continue                  # no writer named: only a lock holder may remove it
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p.name)
+    if removed:
+        log.warning("%s: removed leftovers of killed writers: %s", folder, ", ".join(removed))
+    return removed
 
 
 def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dict,
@@ -63,9 +177,10 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scheduler, state: dic
     model also writes ``merged/`` (ignored for a model without adapters)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir)
     name = f"step-{int(state['step']):08d}"
     final = out_dir / name
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=temp_name("step", state["step"]) + "."))
     try:
         model = model.module if hasattr(model, "module") else model
         model.save_pretrained(tmp / MODEL_DIR, safe_serialization=True)
@@ -196,8 +311,11 @@ def load_weights(ckpt: str | Path, model) -> None:
 
 
 def _load_trainer(ckpt: Path, optimizer, scheduler) -> dict:
-    blob = torch.load(ckpt / "trainer.pt", weights_only=False)
+    blob = safe_load(ckpt / "trainer.pt")
     if optimizer is not None:
+        if blob["optimizer"] is None:   # e.g. DeepSpeed's: its state is in its own files
+            raise CheckpointError(f"{ckpt}/trainer.pt holds no optimizer state (written under DeepSpeed); "
+                                  "resume it through visioncoach.trainer.reshard")
         optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])

@@ -10,6 +10,9 @@ forward. That works with:
   used outside its module is the LM head's weight (read by ``linear_logprob``); ``lm_head_weight``
   hands it over inside a ``GatheredParameters`` region for the forward, and the fused kernel
   keeps what its backward needs (the gathered weight) alive in the autograd graph.
+
+RL's frozen reference policy (full fine-tuning, ``reference_policy``) is partitioned under
+ZeRO-3 as well: a second, inference-only engine, so each rank holds 1/world of it.
 """
 
 from __future__ import annotations
@@ -141,6 +144,64 @@ def frozen_copy(model):
                            f"unexpected {unexpected[:5]}")
     device = next(iter(state.values())).device
     return ref.to(device).requires_grad_(False).eval()
+
+
+def reference_policy(model, cfg, dist_info):
+    """RL's frozen reference for full fine-tuning: under ZeRO-3 partitioned like the policy
+    (``partitioned_reference``), else a plain replica (``frozen_copy``)."""
+    world = dist_info.world_size if dist_info.backend else 1
+    if engine_kind(cfg.dist, world) == "deepspeed" and cfg.dist.zero_stage == 3:
+        return partitioned_reference(model, cfg)
+    return frozen_copy(model)
+
+
+def partitioned_reference(model, cfg):
+    """The reference policy under ZeRO-3: each rank holds 1/world of its weights (a replica of
+    a 7B policy would be 15 GB more per GPU), gathered per module call by an inference-only
+    DeepSpeed engine (no optimizer) like the policy's. Built inside ``deepspeed.zero.Init``,
+    so no rank ever holds it whole; the values come from the policy one parameter at a time.
+    Collective: every rank calls it, with the policy not yet partitioned. Returns the module."""
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.initialization import no_init_weights
+
+    hf = hf_model(model)
+    if is_zero3(hf):
+        raise RuntimeError("partitioned_reference: build the reference before the policy's engine")
+    dtype = next(hf.parameters()).dtype
+    ds_cfg = deepspeed_config(cfg, dtype)
+    # no_init_weights: transformers' initialisation indexes into the (already empty) partitioned
+    # tensors, and every value is overwritten below anyway. The dtype comes from the config's
+    # bf16 flag (= the policy's); an explicit ``dtype=`` is overridden on CPU (DeepSpeed 0.19).
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg), no_init_weights():
+        ref = type(hf)(hf.config)
+    src = dict(hf.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if dist.get_rank() == 0:
+                    p.data.copy_(src[name])
+        buffers = dict(hf.named_buffers(remove_duplicate=False))
+        for prefix, mod in ref.named_modules():   # rotary tables etc.: never partitioned
+            for key, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[key] = buffers[f"{prefix}.{key}" if prefix else key].detach().clone()
+    attach_logprob_head(ref)
+    ref.requires_grad_(False).eval()
+    engine, _, _, _ = deepspeed.initialize(model=ref, config=ds_cfg, dist_init_required=False)
+    # The engine removes its gather hooks when collected: it lives as long as the module does.
+    # (Not as a module attribute: the engine is a Module, and would become a child.)
+    object.__setattr__(ref, "_reference_engine", engine)
+    register_head_weight(ref)
+    log.info("reference policy: ZeRO-3 partitioned (inference engine, no optimizer)")
+    return ref
+
+
+def local_parameter_elements(model) -> int:
+    """Parameter elements this rank holds in memory: under ZeRO-3 its partitions (plus any
+    parameter gathered at the moment), else every parameter."""
+    return sum(p.numel() if not hasattr(p, "ds_tensor") else p.ds_tensor.numel() + p.data.numel()
+               for p in model.parameters())
 
 
 def release_deepspeed(engine, model) -> None:

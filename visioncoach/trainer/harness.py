@@ -30,13 +30,15 @@ import torch.distributed as dist
 from visioncoach.data.loader import ClipDataset, FailureCounter, SampleFailure, make_loader, split_failures
 from visioncoach.processor import fit_prompt_budget
 from visioncoach.rewards.records import RewardTargets
-from visioncoach.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from visioncoach.trainer.checkpoint import (latest_checkpoint, load_checkpoint, safe_load, save_checkpoint,
+                                            temp_name)
 from visioncoach.trainer.distributed import (attach_logprob_head, engine_kind, full_parameters,
                                              initialize_deepspeed, register_head_weight,
-                                             release_deepspeed)
+                                             is_zero3, release_deepspeed)
+from visioncoach.trainer.lockstep import StandIn, most_usable
 from visioncoach.trainer.metrics import StepLog
 from visioncoach.utils.dist import allreduce_gradients
-from visioncoach.utils.profiling import StepProfiler
+from visioncoach.utils.profiling import StepProfiler, peak_memory_gb
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class StageRunner(abc.ABC):
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.empty_steps = 0   # steps no rank had a usable sample for (``skip_step``)
+        self.stand_in = StandIn(self.clips, lambda s: fit_prompt_budget(s, self.tokenizer, cfg.data))
         self.metrics_path = out_dir / "metrics.jsonl"
         self.ckpt_dir = out_dir / "checkpoints" / self.stage
 
@@ -129,6 +133,29 @@ class StageRunner(abc.ABC):
         """A loss of 0 touching every trainable parameter: a rank whose samples all failed
         still joins the gradient all-reduce with the same tensors as the others."""
         return sum(p.sum() * 0.0 for p in self.params)
+
+    def agree(self, samples: list, fill: bool = True) -> tuple[int, object]:
+        """Collective, once per step (``visioncoach.trainer.lockstep``): the most usable samples
+        any rank has (0: every rank skips the step), and under ZeRO-3, where this rank has fewer
+        (``fill=False``: none), a stand-in sample to run with weight 0 (else None)."""
+        most = most_usable(len(samples), self.dist)
+        self.stand_in.see(samples)
+        short = most > len(samples) and (fill or not samples)
+        return most, self.stand_in.get() if short and is_zero3(self.model) else None
+
+    def skip_step(self, phase, reason: str) -> dict:
+        """A step no rank has a usable sample for: no forward, no optimizer or schedule step
+        (the data position still moves on). Logged with loss null and ``reason``, counted, and
+        kept out of the loss and reward averages (they read steps with a loss / rewards)."""
+        self.step += 1
+        self.empty_steps += 1
+        if self.dist.is_main:
+            log.warning("%s step %d skipped: %s on any rank (%d such step(s) so far)", self.stage,
+                        self.step, reason, self.empty_steps)
+        return {"stage": self.stage, "step": self.step, "loss": None, "skipped": reason,
+                "empty_steps": self.empty_steps, "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": None, "tokens": 0, "tokens_per_s": 0.0, **phase.metrics(),
+                "peak_mem_gb": peak_memory_gb(self.dist.device), "samples_skipped": self.failures.total}
 
     # -- one optimizer update ----------------------------------------------------------------
     def update(self, loss: torch.Tensor) -> tuple[bool, torch.Tensor, float]:
@@ -191,8 +218,14 @@ class StageRunner(abc.ABC):
 
     # -- checkpoints -------------------------------------------------------------------------
     def trainer_state(self) -> dict:
-        """JSON state saved with the checkpoint (beyond weights, optimizer, scheduler, RNG)."""
-        return {"stage": self.stage, "step": self.step}
+        """JSON state saved with the checkpoint (beyond weights, optimizer, scheduler, RNG);
+        ``layout``: how the optimizer state is kept (a resume under another one re-maps it)."""
+        return {"stage": self.stage, "step": self.step, "layout": self.layout()}
+
+    def layout(self) -> dict:
+        from visioncoach.trainer.reshard import layout_of
+
+        return layout_of(self.ds, self.cfg.dist.zero_stage, self.dist.world_size if self.dist.backend else 1)
 
     def load_trainer_state(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -207,13 +240,18 @@ class StageRunner(abc.ABC):
         path = None
         staging = None
         if self.ds is not None:
-            staging = self.ckpt_dir / f".deepspeed-{self.step:08d}"
+            # Named after rank 0 (pid, host), so a later run knows when it is a dead writer's.
+            name = [temp_name("deepspeed", self.step) if self.dist.is_main else None]
+            dist.broadcast_object_list(name, src=0)
+            staging = self.ckpt_dir / name[0]
             self.ds.save_checkpoint(str(staging), tag="state", save_latest=False)
             dist.barrier()
         with full_parameters(self.model):
             if self.dist.is_main:
+                names = [n for n, p in self.model.named_parameters() if p.requires_grad]
                 path = save_checkpoint(self.ckpt_dir, self.model, None if self.ds else self.optimizer,
                                        None if self.ds else self.scheduler, self.trainer_state(),
+                                       extra={"param_names": names},
                                        move_in={"deepspeed": staging} if staging else None,
                                        keep=self.cfg.log.keep_checkpoints, processor=self.processor,
                                        export_merged=self.cfg.log.export_merged)
@@ -231,8 +269,21 @@ class StageRunner(abc.ABC):
             log.info("resume=auto: no %s checkpoint in %s, starting the stage fresh", self.stage,
                      self.ckpt_dir)
             return False
-        if self.ds is not None:
+        from visioncoach.trainer import reshard
+
+        saved, current = reshard.checkpoint_layout(ckpt), self.layout()
+        if reshard.needs_reshard(saved, current):
+            log.warning("resuming %s, written by %s, with %s: weights, AdamW moments and step, "
+                        "schedule and RNG re-mapped from its consolidated state; the data position "
+                        "is the step (the rest of the epoch in another order when the process "
+                        "count differs)", ckpt, reshard.describe(saved), reshard.describe(current))
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            state = reshard.apply_full_state(self, ckpt, reshard.read_full_state(ckpt, names))
+        elif self.ds is not None:
             # DeepSpeed restores weights, optimizer partitions and the schedule; we restore RNG.
+            # Its loader unpickles with weights_only=False: ours (weights_only=True) instead.
+            self.ds.checkpoint_engine.load = lambda path, map_location=None: safe_load(
+                path, map_location, deepspeed=True)
             self.ds.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
             state = load_checkpoint(ckpt, None, None, None)

@@ -25,6 +25,9 @@ class StepLog:
             return
         cfg = runner.cfg.log
         runner.out_dir.mkdir(parents=True, exist_ok=True)
+        # The steps after the checkpoint this stage starts from are run again: their rows from
+        # an earlier (killed) segment go, so the file keeps one row per step.
+        drop_rows_after(runner.metrics_path, runner.stage, runner.step)
         self.file = open(runner.metrics_path, "a")
         self.board = _tensorboard(runner.out_dir / "tensorboard") if cfg.tensorboard else None
         if cfg.progress:
@@ -54,6 +57,48 @@ class StepLog:
             if h is not None:
                 h.close()
         self.file = self.board = self.bar = None
+
+
+def read_rows(path: Path, stage: str | None = None) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (of ``stage`` only, if given); a line cut short by a kill
+    is skipped."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if stage is None or row.get("stage") == stage:
+            rows.append(row)
+    return rows
+
+
+def drop_rows_after(path: Path, stage: str, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` (atomically) without ``stage``'s rows past ``step`` and without
+    lines cut short by a kill; returns how many rows went."""
+    from visioncoach.utils.files import write_text_atomic
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not (row.get("stage") == stage and row.get("step", 0) > step):
+            keep.append(line)
+    if len(keep) != len(lines):
+        write_text_atomic(path, "".join(x + "\n" for x in keep))
+        log.info("%s: dropped %d row(s) of %s steps after %d (run again from the checkpoint)",
+                 path, len(lines) - len(keep), stage, step)
+    return len(lines) - len(keep)
 
 
 def _tensorboard(path: Path):

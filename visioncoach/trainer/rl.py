@@ -44,7 +44,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from visioncoach import algorithm
 from visioncoach.data.loader import ClipSample
@@ -56,9 +55,10 @@ from visioncoach.rewards.components import (ACCURACY, FORMAT, REWARD_KEYS, SPATI
 from visioncoach.rollout.forcing import completion_hidden_states
 from visioncoach.rollout.generate import RolloutGroup, generate_group
 from visioncoach.rollout.prompt import prompt_embeds
-from visioncoach.trainer.distributed import (frozen_copy, gathered_for_generation, is_zero3,
+from visioncoach.trainer.distributed import (gathered_for_generation, is_zero3, reference_policy,
                                              token_logprobs)
 from visioncoach.trainer.harness import StageRunner
+from visioncoach.trainer.lockstep import NO_USABLE_SAMPLE, pad_to_common_count, stand_in_rollout
 from visioncoach.trainer.running_stats import RunningStats
 from visioncoach.utils.profiling import Phases, peak_memory_gb
 from visioncoach.vp.chooser import VPChooser
@@ -98,16 +98,31 @@ class PromptResult:
     prompted: Group | None = None
     candidates: list[int] = field(default_factory=list)
     distill: list[int] = field(default_factory=list)
+    padding: bool = False                    # a ZeRO-3 stand-in (trainer/lockstep.py), weight 0
 
 
 def build_chooser(vp_cfg, seed: int, rank: int, device: torch.device, have_heatmaps: bool) -> VPChooser:
     """The ``VPChooser`` of ``vp.selector``, with the trained VP-Selector loaded (frozen) from
-    ``vp.selector_path`` for ``model``."""
+    ``vp.selector_path`` for ``model`` (on the base model ``vp.selector_base_model`` when set,
+    else its selector.json's; the selector logs which it loaded). A selector that cannot be
+    loaded is a ``ConfigError`` naming the key to change."""
     selector = None
     if vp_cfg.selector == "model" and vp_cfg.selector_path:
+        from visioncoach.config import ConfigError
+        from visioncoach.models.resolve import ModelDirError, resolve_model_dir
         from visioncoach.selector import Selector
 
-        selector = Selector(vp_cfg.selector_path, device=device)
+        override = vp_cfg.selector_base_model
+        if override and override != "tiny":
+            try:
+                resolve_model_dir(override)
+            except ModelDirError as exc:
+                raise ConfigError(f"config key 'vp.selector_base_model': {exc}") from None
+        kw = {"base_model": override, "base_flag": "vp.selector_base_model"} if override else {}
+        try:
+            selector = Selector(vp_cfg.selector_path, device=device, **kw)
+        except (FileNotFoundError, ValueError) as exc:   # ModelDirError is a FileNotFoundError
+            raise ConfigError(f"config key 'vp.selector_path': {exc}") from None
     return VPChooser(vp_cfg, seed, rank, have_heatmaps, selector=selector)
 
 
@@ -130,9 +145,9 @@ class RLRunner(StageRunner):
         self.lora = hasattr(model, "disable_adapter")
         self.ref_model = None
         if cfg.loss.beta > 0 and not self.lora:
-            # Full fine-tuning: a frozen copy of the starting policy, taken before DeepSpeed
-            # partitions the policy.
-            self.ref_model = ref_model if ref_model is not None else frozen_copy(model)
+            # Full fine-tuning: a frozen copy of the starting policy (under ZeRO-3 partitioned
+            # like it), taken before DeepSpeed partitions the policy.
+            self.ref_model = ref_model if ref_model is not None else reference_policy(model, cfg, dist_info)
             self.ref_model.requires_grad_(False).eval()
         super().__init__(cfg, dist_info, model, tokenizer, dataset, out_dir, lr=cfg.optim.lr,
                          steps=cfg.optim.rl_steps, updates_per_step=cfg.loss.updates_per_rollout,
@@ -165,8 +180,14 @@ class RLRunner(StageRunner):
         phase = Phases("rl")
         with phase("data"):
             samples = self.usable(batch)
+            # Collective, ranks decide the same; a stand-in only without any prompt (loss_rows
+            # evens out the group counts).
+            most, pad = self.agree(samples, fill=False)
+        if not most:
+            return self.skip_step(phase, NO_USABLE_SAMPLE)
         # Every rank collects, even with no sample left: the running statistics are gathered.
-        results = self.collect(samples, self.step / max(1, self.steps), phase)
+        results = self.collect(samples, self.step / max(1, self.steps), phase, stand_in=pad)
+        real = [r for r in results if not r.padding]
         mu = self.cfg.loss.updates_per_rollout
         if results:
             groups, adv, gw, sw = self.loss_rows(results)
@@ -193,15 +214,16 @@ class RLRunner(StageRunner):
         self.step += 1
         n_tok = int(n_tok)
         busy = phase.seconds["policy_logprobs"] + phase.seconds["backward_optim"]
-        return {"stage": "rl", "step": self.step, "prompts": len(results), **phase.metrics(),
+        return {"stage": "rl", "step": self.step, "prompts": len(real), **phase.metrics(),
                 "loss": float(torch.stack(losses).mean()) if losses else None,
                 "skipped_updates": mu - len(losses), "lr": lr,
                 "grad_norm": float(torch.stack(grad_norms).mean()) if grad_norms else None,
                 "tokens": n_tok, "tokens_per_s": n_tok / max(busy, 1e-9),
                 "peak_mem_gb": peak_memory_gb(self.dist.device), "samples_skipped": self.failures.total,
-                **{k: float(v) for k, v in stats_acc.items()}, **self.step_metrics(results)}
+                **{k: float(v) for k, v in stats_acc.items()}, **self.step_metrics(real)}
 
-    def collect(self, samples: list[ClipSample], progress: float, phase: Phases | None = None) -> list[PromptResult]:
+    def collect(self, samples: list[ClipSample], progress: float, phase: Phases | None = None,
+                stand_in: ClipSample | None = None) -> list[PromptResult]:
         """Phases 1-3 of Algorithm 1 for this rank's prompts: rollouts, rewards, hard flags,
         visual prompts, re-rollouts, candidates and the distillation set."""
         cfg, dev = self.cfg, self.dist.device
@@ -223,6 +245,9 @@ class RLRunner(StageRunner):
             self.mark_hard(results)
             if self.chooser.active and any(r.hard for r in results):
                 self.prompt_hard(results, resized, gen, progress, phase)
+            if stand_in is not None:   # ZeRO-3, no prompt on this rank (trainer/lockstep.py)
+                results.append(PromptResult(stand_in, Group(*stand_in_rollout(self, stand_in), []),
+                                            torch.zeros(cfg.rollout.num_generations), padding=True))
         return results
 
     def _rollouts(self, inputs: ModelInputs, generator: torch.Generator) -> Group:
@@ -315,16 +340,10 @@ class RLRunner(StageRunner):
         gw, sw = algorithm.loss_row_weights(len(results), self.cfg.rollout.num_generations,
                                             [len(r.distill) for r in results], self.cfg.loss.sd_alpha)
         adv = torch.cat(adv)
-        if is_zero3(self.model) and self.dist.backend is not None:
-            # ZeRO-3 gathers parameters per module call, collectively: every rank must run the
-            # same number of policy passes, so ranks with fewer distilled groups repeat their
-            # first group with zero weight.
-            n = torch.tensor([len(groups)], device=self.dist.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            for _ in range(int(n) - len(groups)):
-                groups.append(groups[0])
-                zeros = torch.zeros(groups[0].tokens.shape[0])
-                adv, gw, sw = torch.cat([adv, zeros]), torch.cat([gw, zeros]), torch.cat([sw, zeros])
+        if results[0].padding:   # a ZeRO-3 stand-in, this rank's only group: weight 0
+            gw, sw = gw * 0, sw * 0
+        if is_zero3(self.model):   # same number of passes on every rank (trainer/lockstep.py)
+            groups, adv, gw, sw = pad_to_common_count(groups, adv, gw, sw, self.dist)
         dev = self.dist.device
         return groups, adv.to(dev), gw.to(dev), sw.to(dev)
 
@@ -370,10 +389,12 @@ class RLRunner(StageRunner):
         return loss, stats, mask
 
     # -- metrics -------------------------------------------------------------------------------
-    @staticmethod
-    def step_metrics(results: list[PromptResult]) -> dict:
-        """Reward components, hard fraction, VP counts and gains (paper Fig. 4a), SD sizes."""
-        out = {}
+    def step_metrics(self, results: list[PromptResult]) -> dict:
+        """Reward components, hard fraction, VP counts and gains (paper Fig. 4a), SD sizes; with
+        ``vp.selector=model``, the selector's outputs this step and how many of them became raw
+        because they named no label (``selector_unmapped``) or a type this run cannot render
+        (``selector_unrenderable``)."""
+        out = self.chooser.selector_metrics()
         if not results:
             return out
         for k in REWARD_KEYS:

@@ -22,6 +22,7 @@ from visioncoach.processor import sample_inputs
 from visioncoach.templates import sft_target
 from visioncoach.trainer.distributed import token_logprobs
 from visioncoach.trainer.harness import StageRunner
+from visioncoach.trainer.lockstep import NO_USABLE_SAMPLE
 from visioncoach.utils.profiling import Phases, peak_memory_gb
 
 
@@ -87,10 +88,20 @@ class SFTRunner(StageRunner):
         phase = Phases("sft")
         with phase("data"):
             samples = self.usable(batch)
+            most, pad = self.agree(samples)   # collective: ranks decide the same
             examples = [build_sft_example(s, self.tokenizer, cfg.data, dev) for s in samples]
+            # ZeRO-3, fewer samples here than on another rank: as many stand-ins, weight 0.
+            stand_ins = ([build_sft_example(pad, self.tokenizer, cfg.data, dev)] * (most - len(samples))
+                         if pad is not None else [])
+        if not most:
+            return self.skip_step(phase, NO_USABLE_SAMPLE)
         self.model.train()
         with phase("forward"):
-            loss, n_tok = sft_loss(self.model, examples) if examples else (self.zero_loss(), 0)
+            loss, n_tok = sft_loss(self.model, examples) if examples else (None, 0)
+            if stand_ins:   # the module calls of the missing samples (trainer/lockstep.py)
+                zero = sft_loss(self.model, stand_ins)[0] * 0.0
+                loss = zero if loss is None else loss + zero
+            loss = self.zero_loss() if loss is None else loss
         with phase("backward_optim", nvtx="sft/backward+optimizer"):
             ok, grad_norm, lr = self.update(loss)
         self.step += 1

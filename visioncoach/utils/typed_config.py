@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -99,15 +100,21 @@ def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
                 pass
         raise TypeError("expected an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # YAML 1.1 reads 1e-6 (no dot) as a string; accept plain numbers written that way.
-        if isinstance(value, str):
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise TypeError("expected a number")
+        if number is None:
+            raise TypeError("expected a number")
+        # No setting means anything by inf or nan; they would only fail later, mid-run.
+        if not math.isfinite(number):
+            raise ValueError("must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -190,9 +197,34 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    dup = _duplicate_key(root)
+    if dup is not None:
+        key, first, again = dup
+        raise ConfigError(f"config file {path}:{again}: key {key!r} is given twice (first at line "
+                          f"{first}); YAML would silently keep the last one")
     lines: dict[str, int] = {}
     _yaml_lines(root, "", lines)
     return data, lines
+
+
+def _duplicate_key(node: yaml.Node, prefix: str = "") -> tuple[str, int, int] | None:
+    """(dotted key, first line, repeated line) of the first key given twice in one mapping."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            key, line = f"{prefix}{k.value}", k.start_mark.line + 1
+            if key in seen:
+                return key, seen[key], line
+            seen[key] = line
+            found = _duplicate_key(v, key + ".")
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{prefix[:-1]}[{i}]." if prefix else f"[{i}].")
+            if found:
+                return found
+    return None
 
 
 def apply_yaml(cfg: Any, path: str | Path) -> None:

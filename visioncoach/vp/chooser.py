@@ -20,7 +20,8 @@ class VPChooser:
     * ``random``: uniform over the renderable ``vp.types`` (seeded by seed, rank and step).
     * ``model``: the trained VP-Selector, frozen; ``selector`` is a loaded
       ``visioncoach.selector.Selector`` (the trainer loads it from ``vp.selector_path``). A type
-      it names that this run cannot render (a heatmap type without ``vp.clip_path``) becomes raw.
+      it names that this run cannot render (a heatmap type without ``vp.clip_path``) becomes raw,
+      as does an output that names no label; both are counted (``selector_metrics``).
     * ``none``: no visual prompting (plain GSPO; hard prompts are only counted).
     """
 
@@ -40,6 +41,7 @@ class VPChooser:
                              "train one with `python -m visioncoach.selector.train`, or use "
                              "gating, random, fixed:<type> or none")
         self.selector = selector
+        self._counts = dict.fromkeys(("selector_outputs", "selector_unmapped", "selector_unrenderable"), 0)
 
     @property
     def active(self) -> bool:
@@ -68,5 +70,21 @@ class VPChooser:
         if self.mode == "random":
             rng = random.Random(hash((self.seed, self.rank, step)))
             return [rng.choice(self.types) for _ in samples]
-        return [t if t in self.types else RAW for t in self.selector.choose_for_samples(samples)]
+        # Both ways a selector's output silently becomes raw are counted (selector_metrics).
+        mapper = getattr(self.selector, "mapper", None)
+        before = mapper.unmapped if mapper is not None else 0
+        picked = self.selector.choose_for_samples(samples)
+        self._counts["selector_outputs"] += len(picked)
+        self._counts["selector_unmapped"] += (mapper.unmapped - before) if mapper is not None else 0
+        self._counts["selector_unrenderable"] += sum(t not in self.types for t in picked)
+        return [t if t in self.types else RAW for t in picked]
+
+    def selector_metrics(self) -> dict[str, int]:
+        """For ``model``: the selector's outputs since the last call, how many named no label
+        (``selector_unmapped``) and how many named a type this run cannot render
+        (``selector_unrenderable``); both became raw. Empty for the other modes."""
+        if self.mode != "model":
+            return {}
+        out, self._counts = self._counts, dict.fromkeys(self._counts, 0)
+        return out
 
