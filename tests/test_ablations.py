@@ -11,7 +11,6 @@ changes what it should and nothing else.
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,9 +29,9 @@ from visioncoach.utils.dist import DistInfo
 from visioncoach.vp import add_hint, render_vp_reference
 from visioncoach.vp.prompting import can_render, eligible, key_frame_prompt
 from fake_rewards import text_reward as fake_reward  # noqa: E402
+from shared_data import VIDEOS  # noqa: E402
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"), None)
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 PIXELS = (3136, 12544)
 
 

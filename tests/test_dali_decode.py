@@ -10,7 +10,6 @@ the YUV planes are identical; they differ only in the YUV->RGB step. DALI's swsc
 |diff| 1.3, max 14-15, 1-1.5% of values off by more than 2; as MJPEG: mean 0.7, max 21).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +21,8 @@ from visioncoach.data import dali as DL  # noqa: E402
 from visioncoach.data import decode as D  # noqa: E402
 import video_clips  # noqa: E402
 from video_clips import frame_ids  # noqa: E402
+from shared_data import VIDEOS  # noqa: E402
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 CUP = VIDEOS / "cup.mp4"   # H.264: NVDEC only
 
 

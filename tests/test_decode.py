@@ -1,15 +1,14 @@
 """Frame sampling (visioncoach.data.decode) on synthetic clips whose frames encode their index,
 and on the real sample videos."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from visioncoach.data import decode as D
 from video_clips import frame_ids, write_clip
+from shared_data import VIDEOS  # noqa: E402
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
 @pytest.fixture(scope="module")
 def clip40(tmp_path_factory):

@@ -2,7 +2,6 @@
 (checked against an independent numpy computation), bad prediction lines, unreadable inputs."""
 
 import json
-from pathlib import Path
 
 import re
 
@@ -12,8 +11,9 @@ import pytest
 from visioncoach.eval import charades
 from visioncoach.eval.__main__ import main as eval_main
 from visioncoach.eval.common import EvalInputError
+from shared_data import ANNOTATIONS  # noqa: E402
 
-ANN_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations"
+ANN_DIR = ANNOTATIONS
 TEST_SPLIT = ANN_DIR / "charades_sta_test.txt"
 DURATIONS = ANN_DIR / "charades_sta_test_durations.json"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from visioncoach.models.resolve import ModelDirError, load_model_dir, resolve_model_dir
+from shared_data import VIDEOS  # noqa: E402
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 MODEL_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json")
 
 

@@ -21,8 +21,8 @@ from visioncoach.predict import charades_items, claim_boxes_by_second, predict_c
 from visioncoach.rollout import session as session_mod
 from visioncoach.rollout.session import load_session
 from visioncoach.predict import main as predict_main
+from shared_data import VIDEOS  # noqa: E402
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 FAST = ["--nframes", "2", "--max-pixels", "3136", "--max-new-tokens", "6", "--device", "cpu", "--workers", "1"]
 
 

@@ -1,7 +1,6 @@
 """Model inputs (visioncoach.processor) against transformers' Qwen2.5-VL processor, and both
 layouts feeding the tiny Qwen2.5-VL."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +8,9 @@ import torch
 from visioncoach import processor as P
 from visioncoach.data.decode import decode
 from visioncoach.templates import user_text
+from shared_data import VIDEOS  # noqa: E402
 
-CUP = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "cup.mp4"
+CUP = VIDEOS / "cup.mp4"
 MIN_PIX, MAX_PIX = 3136, 16 * 28 * 28
 
 

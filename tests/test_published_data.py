@@ -19,8 +19,8 @@ from visioncoach.data.stgr import DatasetError, load_stgr
 from visioncoach.data.decode import decode
 from visioncoach.rewards.records import RewardTargets
 from visioncoach.templates import boxes_to_pixels, sft_target
+from shared_data import VIDEOS  # noqa: E402
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 CUP, BIKES = VIDEOS / "cup.mp4", VIDEOS / "bikes.mp4"
 REASONING = ("The hand lifts <obj>cup</obj><box>[0.25, 0.3, 0.5, 0.75]</box>at<t>2.0</t>s and "
              "turns it: <obj>cup</obj><box>[0.3,0.3,0.55,0.8]</box>at<t>4.0</t>s.")

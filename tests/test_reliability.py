@@ -14,7 +14,6 @@ from visioncoach import config as C
 from visioncoach import train
 from visioncoach.data.synthetic import generate
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
 
 @pytest.fixture

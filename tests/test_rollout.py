@@ -3,7 +3,6 @@ transformers' generate in both layouts (EOS stop and padding included), one visi
 pass and one prefill per group, sampling semantics (top-p as TopPLogitsWarper, reproducible
 with a generator), and the teacher-forced log-prob pass that reuses the prompt embeddings."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,9 @@ from visioncoach.rollout import (
     sample_tokens, top_p_mask,
 )
 from visioncoach.utils.profiling import CallCounter
+from shared_data import VIDEOS  # noqa: E402
 
-CUP = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "cup.mp4"
+CUP = VIDEOS / "cup.mp4"
 MIN_PIX, MAX_PIX = 3136, 16 * 28 * 28
 PAD = 151643
 N = 12  # new tokens

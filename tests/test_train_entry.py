@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from visioncoach import train
+from shared_data import VIDEOS  # noqa: E402
 
 
 def test_config_error_exits_before_model_build(capsys, monkeypatch):
@@ -106,7 +107,7 @@ def test_default_command_runs_every_component(tmp_path):
         assert 1 <= len(kept) <= 2, kept
     # The run folder is what a user passes to inference: its latest RL checkpoint, with the
     # processor and tokenizer that rank 0 saved next to the gathered weights.
-    video = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "cup.mp4"
+    video = VIDEOS / "cup.mp4"
     res = subprocess.run([sys.executable, "-m", "visioncoach.infer", "--model", str(tmp_path / "run"),
                           "--video", str(video), "--question", "What does the hand hold?", "--out",
                           str(tmp_path / "infer"), "--nframes", "4", "--max-pixels", "12544",

@@ -2,7 +2,6 @@
 atomic and resuming continues exactly, non-finite steps are skipped then stop the run."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from visioncoach.trainer import harness
 from visioncoach.trainer import sft as sft_mod
 from visioncoach.trainer.sft import SFTRunner, build_sft_example, target_logprobs
 from visioncoach.utils.dist import DistInfo
+from shared_data import VIDEOS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,6 @@ def test_non_finite_steps_are_skipped_then_stop(dataset, tokenizer, tmp_path, mo
     assert not (tmp_path / "checkpoints" / "sft").exists()  # never a NaN checkpoint
 
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
 
 def test_checkpoint_is_a_model_folder_that_infer_takes(dataset, tokenizer, processor, tmp_path, capsys):
