@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 
 GPU_CHECK_OUT ?= runs/gpu_check
 
-.PHONY: setup train test bench gpu-check clean
+.PHONY: setup train test bench microbench gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,11 @@ test: setup
 # A script's own folder on sys.path (not the checkout root) is what lets it import bench/_common.py.
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; PYTHONSAFEPATH= $(VENV)/bin/python $$b || exit 1; done
+
+# The kernel and pipeline microbenchmarks through pytest-benchmark (bench/conftest.py), each
+# beside its baseline; PYTEST_ARGS="--benchmark-save=NAME" / "--benchmark-compare=NNNN" track them.
+microbench: setup
+	$(VENV)/bin/python -m pytest bench/ --benchmark-only $(PYTEST_ARGS)
 
 # The GPU check kit (README "GPU work"): at most 8 minutes on one GPU; without one, the
 # CPU-safe parts only (exit 0). Reports: $(GPU_CHECK_OUT)/gpu_check_report.{md,json}.

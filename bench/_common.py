@@ -24,6 +24,10 @@ written when the file is new. A file that already exists with another header (th
 schemas these scripts wrote before) is renamed aside to ``<benchmark>.old-schema.csv``
 (``.old-schema-2.csv``, ... if that is taken) with a note on stderr, and a new file is started:
 mixing schemas in one file would make it unreadable for csv readers.
+
+pytest-benchmark: ``bench_case(benchmark, ...)`` labels a ``bench/test_*.py`` measurement
+(group, implementation, baseline); bench/conftest.py turns pytest-benchmark's own statistics
+into the summary table and CSV rows.
 """
 
 from __future__ import annotations
@@ -177,6 +181,13 @@ def results_from_rows(rows: Iterable[dict], case: Iterable[str], metrics: Mappin
         out += [Result(c, r["impl"], metric, r[key], unit) for key, (metric, unit) in metrics.items()
                 if r.get(key) not in (None, "")]
     return out
+
+
+def bench_case(benchmark, *, bench: str, case: dict, impl: str, baseline: str) -> None:
+    """Name what this test measures: ``bench`` (the CSV file), the case's parameters (the
+    group), the implementation and the group's baseline implementation."""
+    benchmark.group = f"{bench}: {case_str(case)}"
+    benchmark.extra_info.update(bench=bench, case=case_str(case), impl=impl, baseline=baseline)
 
 
 def device_name(device: Any = None) -> str:

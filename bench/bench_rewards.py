@@ -16,8 +16,10 @@ Rows (CPU, one thread, best of ``--repeats`` wall times; speedup = reference / r
     score/loader   ``score`` on records converted ahead (``rewards.records.Record``), the
                    training path: the data loader converts each record once, in its worker
   free-form  the temporal-spatial and free-form tasks, whose accuracy is ROUGE: the same
-             rows, plus ROUGE alone (every distinct (answer, ground truth) pair scored once,
-             which is what ``score`` does) to show what bounds that row.
+             rows, plus ROUGE alone on every distinct (answer, ground truth) pair (each
+             scored once, as ``score`` does):
+    rouge          ``reference.rouge`` (rouge_score) pair by pair: what ``score`` paid before
+    rouge/batched  ``rewards.rouge.rouge_batch`` on all pairs at once: what ``score`` pays
 
 Prints a table and appends rows to bench/results/rewards.csv (the schema in bench/_common.py).
 
@@ -39,6 +41,7 @@ from _common import measure_each, print_table, results_from_rows, write_results
 from visioncoach.grounding import parse_texts
 from visioncoach.rewards import RewardConfig, batched, score, score_reference
 from visioncoach.rewards.reference import rouge
+from visioncoach.rewards.rouge import rouge_batch
 
 MAIN_TASKS = ("temporal QA", "temporal QA (MCQ)", "visual QA", "General video QA MCQ")
 FREE_FORM_TASKS = ("temporal-spatial free-form QA", "General video QA Free-form")
@@ -187,6 +190,8 @@ def main() -> None:
             pairs = {(t.split("<answer>")[-1].split("</answer>")[0], s["answer"])
                      for t, s in zip(texts, samples)}
             fns["rouge"] = lambda: [rouge(a, b) for a, b in pairs]
+            answers, truths = [a for a, _ in pairs], [b for _, b in pairs]
+            fns["rouge/batched"] = lambda: rouge_batch(answers, truths)
         # Interleaved rounds: a burst of load from other jobs on the machine hits every row alike.
         timings = measure_each(fns, repeats=args.repeats, warmup=1, gc_off=True)
         base = timings["reference"].min
@@ -195,7 +200,7 @@ def main() -> None:
                 batch=label, impl=impl, n=len(texts), group=args.group, chars=round(chars),
                 claims=n_claims, threads=torch.get_num_threads(), ms=t.min * 1e3,
                 # records and rouge are parts of score, not alternatives to the reference
-                speedup=base / t.min if impl not in ("records", "rouge") else None))
+                speedup=base / t.min if impl not in ("records", "rouge", "rouge/batched") else None))
         if args.profile and label == "main":
             prof = cProfile.Profile()
             prof.enable()

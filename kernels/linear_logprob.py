@@ -24,15 +24,18 @@ recompute, which is all a frozen LM head (LoRA training) needs: two NT x H x V G
 A trainable head needs G, so its backward recomputes the logits, in column slices of the
 vocabulary: with lse saved, p_tv for v in a slice needs only that slice's logits, and the slice
 of the weight gradient, G[:, slice]^T @ Hid, is then complete in one GEMM (the reduction runs
-over tokens), written once in the weight's dtype, with no [V, H] fp32 accumulator. The target
-column is not recomputed: G_{t,y_t} = (g_t / tau) (-expm1(logp_t)) from the forward's logp, since
+over tokens; the torch path sums its row chunks' GEMMs in a [slice, H] fp32 accumulator),
+written once in the weight's dtype, with no [V, H] fp32 accumulator. The target column is not
+recomputed: G_{t,y_t} = (g_t / tau) (-expm1(logp_t)) from the forward's logp, since
 1 - exp(z'_y - lse) on recomputed logits z' (a differently shaped GEMM, a few ulps off) would
 lose most digits of 1 - p_y for near-certain tokens.
 
-Memory: one [chunk, V] fp32 logits buffer (reused across chunks) plus O(NT H) for D; the
-default chunk keeps that buffer at 2^26 elements (256 MiB), see ``default_chunk_size``. The
-Triton path keeps D's GEMM operand beside it, [chunk, V] in W's dtype (128 MiB in bf16; an fp32
-head's no longer overwrites the logits in place: +256 MiB).
+Memory: the torch path works in [rows, columns] tiles of the logits: a row chunk walks the
+vocabulary in slices with a running max (flash-attention's rescaling of the sums and of D's
+accumulator), so its one reused fp32 buffer is a tile, 32 MiB by default (``torch_tile``), plus
+O(NT H) for D; a trainable head's backward adds [NT, slice] fp32 slices of 2^26 elements. The Triton path works on whole rows: one [chunk, V] fp32 logits buffer of 2^26
+elements (256 MiB, see ``default_chunk_size``) and D's GEMM operand beside it, [chunk, V] in W's
+dtype (128 MiB in bf16; an fp32 head's no longer overwrites the logits in place: +256 MiB).
 
 Precision: logits, softmax and D in fp32 whatever the input dtype (bf16 products are exact in
 fp32). The Triton path on CUDA runs the GEMMs in the weight's dtype with fp32 accumulation and
@@ -42,8 +45,8 @@ path keeps them fp32. Gradients are returned in the input dtypes.
 
 Implementations:
   * ``linear_logprob_reference``: materialised logits -> log_softmax -> gather; the spec.
-  * ``linear_logprob_chunked``: the CPU path, a ``torch.autograd.Function`` over row chunks,
-    all in torch ops (in place on one reused buffer).
+  * ``linear_logprob_chunked``: the CPU path, a ``torch.autograd.Function`` over tiles of the
+    logits (row chunks x vocabulary slices), all in torch ops, in place on one reused tile.
   * Triton (``torch.ops.visioncoach.linear_logprob``): the GEMMs stay in torch/cuBLAS, and one
     Triton program per row does the fused row work on the chunk's logits in one kernel:
     ``_logprob_fwd_kernel`` (online max/sum-exp/entropy and target gather, and in the same
@@ -75,21 +78,31 @@ __all__ = [
     "linear_logprob",
     "linear_logprob_chunked",
     "linear_logprob_reference",
+    "torch_tile",
 ]
 
 IGNORE_INDEX = -100
 
-# Elements of the fp32 logits buffer a default chunk holds: 2^26 = 256 MiB, 441 rows at
-# V = 151,936. Measured on a 2-core Xeon (torch path, H=896, 2048 tokens, frozen head, fwd+bwd,
-# CPU seconds, best of 3): 128 rows 16.7, 256 rows 15.6, 441 rows 14.1, 512 rows 13.5,
-# 1024 rows 13.1. The GEMMs saturate near 512 rows; 441 keeps the whole op's extra peak at
-# ~0.3 GiB at 4096 tokens (1024 rows would double the buffer for ~5%).
+# The Triton path's row chunk: its fp32 logits buffer holds 2^26 elements = 256 MiB, 441 rows at
+# V = 151,936 (whole rows: its row kernel makes one pass over a row's logits). Measured with the
+# former whole-row torch path on a 2-core Xeon (H=896, 2048 tokens, frozen head, fwd+bwd, CPU
+# seconds, best of 3): 128 rows 16.7, 256 rows 15.6, 441 rows 14.1, 512 rows 13.5, 1024 rows 13.1.
 _CHUNK_ELEMENTS = 2**26
+
+# The torch path's tile, [rows, columns] of the logits (vocabulary slices with a running max):
+# 2,048 x 4,096 fp32 = 32 MiB, the L3 of this project's 2-core EPYC, where the tile's
+# elementwise passes then run. fwd+bwd, frozen head, H=896, V=151,936, 2,048 tokens, fp32,
+# interleaved with the former 441-row whole-row path, its best of 3 over ours (load 2-4 on
+# 2 cores): 2,048 x 2,048 1.08x, 2,048 x 4,096 1.12x, 2,048 x 8,192 1.03x / 1.08x,
+# 1,024 x 16,384 1.05x, 512 x 32,768 1.01x; under heavier load (5-7) 2,048 x 2,048 was 0.87x,
+# so not smaller.
+_TORCH_TILE_ROWS = 2048
+_TORCH_TILE_ELEMENTS = 2**23
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk so that the chunk's fp32 logits hold about 2^26 elements (256 MiB), at
-    least 16 rows: 441 for Qwen2.5's V = 151,936."""
+    """The Triton path's rows per chunk, so that the chunk's fp32 logits hold about 2^26
+    elements (256 MiB), at least 16 rows: 441 for Qwen2.5's V = 151,936."""
     return max(16, _CHUNK_ELEMENTS // max(int(vocab_size), 1))
 
 
@@ -212,52 +225,88 @@ def _entr_rowsum(e: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.special.entr(e[r:r + rows]).sum(1) for r in range(0, e.shape[0], rows)])
 
 
-def _chunked_forward(h2, weight, y, temperature, return_entropy, chunk_size, need_d):
-    """Row-chunked forward in torch ops. h2 [NT, H], y [NT] int64.
+def torch_tile(n_rows: int, vocab: int, chunk_size: int | None = None,
+               vocab_slice: int | None = None) -> tuple[int, int]:
+    """(rows, columns) of the torch path's forward tile, the one [rows, columns] fp32 buffer it
+    works in: ``chunk_size`` rows (default 2,048, at most n_rows) and ``vocab_slice``
+    columns (default: 2^23 elements, 32 MiB, over the rows; at most V)."""
+    rows = max(1, min(chunk_size or _TORCH_TILE_ROWS, n_rows))
+    cols = vocab_slice or max(16, _TORCH_TILE_ELEMENTS // rows)
+    return rows, max(1, min(cols, vocab))
 
-    Per chunk, in place on one [c, V] fp32 buffer: z = (h/tau) W^T; m = max_v z; z <- e = exp(z-m);
-    s = sum e; lse = m + log s; logp = (z_y - m) - log s (as log_softmax does: exact for a
-    near-certain token, where z_y - lse would round lse at |z|'s ulp);
-    entropy = log s + sum_v entr(e_v) / s. For D:
-    e_y -= s (so the row holds -s (onehot - p)), D = -(row @ W) / s.
+
+def _chunked_forward(h2, weight, y, temperature, return_entropy, tile, need_d):
+    """Forward in [rows, columns] tiles of the logits, torch ops. h2 [NT, H], y [NT] int64.
+
+    A row chunk walks the vocabulary in slices with a running max m (flash-attention's
+    rescaling), on one reused fp32 tile: z = (h/tau) W_s^T; m' = max(m, max_v z);
+    alpha = e^(m - m'); z <- e = exp(z - m'), with the target's e set to 0 so that the sums
+    run over v != y only:
+
+        sigma <- alpha sigma + sum_v e_v,   acc <- alpha acc + e @ W_s,
+        a <- alpha (a + sigma (m - m')) + sum_v e_v (z_v - m')       (entropy only)
+
+    and after the last slice, with e_y = exp(z_y - m) and s = sigma + e_y: lse = m + log s,
+    logp = (z_y - m) - log s (as log_softmax forms it: z_y - lse would round lse at |z|'s ulp
+    and lose 1 - p_y's digits for a near-certain token), entropy = log s - (a + e_y (z_y - m)) / s
+    and D = (onehot - p) @ W = (sigma w_y - acc) / s: the target stays out of the sums, so
+    1 - p_y = sigma / s has no cancellation either. z_y is read from the GEMM's own output.
     Returns logp, entropy (or None), lse [NT] fp32, D [NT, H] fp32 (or None).
     """
     NT, H = h2.shape
     V = weight.shape[0]
     dev = h2.device
-    W = weight.float()                                               # [V, H] fp32
     hs = h2.float()
     if temperature != 1.0:
         hs = hs * (1.0 / temperature)                                # [NT, H] fp32
     valid = y != IGNORE_INDEX
-    y_safe = torch.where(valid, y, 0)[:, None]                       # [NT, 1]
+    y_safe = torch.where(valid, y, 0)                                # [NT]
     lse = torch.empty(NT, dtype=torch.float32, device=dev)
     logp = torch.empty(NT, dtype=torch.float32, device=dev)
     ent = torch.empty(NT, dtype=torch.float32, device=dev) if return_entropy else None
     D = torch.empty(NT, H, dtype=torch.float32, device=dev) if need_d else None
-    C = max(1, min(chunk_size, NT))
-    buf = torch.empty(C, V, dtype=torch.float32, device=dev) if NT > 0 else None
+    C, Vs = tile
+    buf = torch.empty(C * Vs, dtype=torch.float32, device=dev) if NT > 0 else None
     for r0 in range(0, NT, C):
         r1 = min(r0 + C, NT)
-        z = buf[: r1 - r0]                                           # [c, V], contiguous
-        _mm_fp32(hs[r0:r1], W.T, out=z)
-        ys = y_safe[r0:r1]
-        zy = z.gather(1, ys)                                         # [c, 1]
-        m = z.amax(1, keepdim=True)
-        z.sub_(m).exp_()                                             # e = exp(z - m)
-        s = z.sum(1, keepdim=True)
+        c = r1 - r0
+        h_c = hs[r0:r1]                                              # [c, H]
+        y_c = y_safe[r0:r1]                                          # [c]
+        # finite start, not -inf: the first slice's sigma (m - m') is then 0 * finite, not nan
+        m = torch.full((c,), -3.0e38, dtype=torch.float32, device=dev)
+        sigma = torch.zeros(c, dtype=torch.float32, device=dev)
+        a = torch.zeros(c, dtype=torch.float32, device=dev)
+        z_y = torch.zeros(c, dtype=torch.float32, device=dev)
+        acc = D[r0:r1].zero_() if need_d else None                   # [c, H]
+        for v0 in range(0, V, Vs):
+            v1 = min(v0 + Vs, V)
+            W_s = weight[v0:v1].float()                              # [vs, H] (a copy only if bf16)
+            z = _flat_view(buf, c, v1 - v0)                          # [c, vs]
+            torch.mm(h_c, W_s.T, out=z)
+            inside = (y_c >= v0) & (y_c < v1)                        # [c]
+            col = (y_c - v0).clamp_(0, v1 - v0 - 1)[:, None]         # [c, 1]
+            z_y = torch.where(inside, z.gather(1, col)[:, 0], z_y)
+            m_new = torch.maximum(m, z.amax(1))
+            alpha = torch.exp(m - m_new)
+            z.sub_(m_new[:, None]).exp_()
+            z.scatter_(1, col, torch.where(inside[:, None], 0.0, z.gather(1, col)))
+            if return_entropy:
+                a = alpha * (a + sigma * (m - m_new)) - _entr_rowsum(z)
+            sigma = sigma * alpha + z.sum(1)
+            if need_d:
+                acc.mul_(alpha[:, None]).addmm_(z, W_s)
+            m = m_new
+        e_y = torch.exp(z_y - m)
+        s = sigma + e_y
         log_s = s.log()
-        lse_c = m + log_s
-        lse[r0:r1] = lse_c[:, 0]
-        logp[r0:r1] = ((zy - m) - log_s)[:, 0]      # not zy - lse: keeps 1 - p_y's digits
+        lse[r0:r1] = m + log_s
+        logp[r0:r1] = (z_y - m) - log_s
         if return_entropy:
-            ent[r0:r1] = log_s[:, 0] + _entr_rowsum(z) / s[:, 0]
+            ent[r0:r1] = log_s - (a + e_y * (z_y - m)) / s
         if need_d:
-            vc = valid[r0:r1, None]
-            z.scatter_add_(1, ys, torch.where(vc, -s, 0.0))          # e - s onehot
-            d = D[r0:r1]
-            _mm_fp32(z, W, out=d)
-            d.mul_(torch.where(vc, -1.0 / s, 0.0))                   # (onehot - p) @ W
+            w_y = weight[y_c].float()                                # [c, H]
+            acc.addcmul_(w_y, sigma[:, None], value=-1.0)                # acc - sigma w_y
+            acc.mul_(torch.where(valid[r0:r1], -1.0 / s, 0.0)[:, None])
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     logp = torch.where(valid, logp, zero)
     if return_entropy:
@@ -265,31 +314,40 @@ def _chunked_forward(h2, weight, y, temperature, return_entropy, chunk_size, nee
     return logp, ent, lse, D
 
 
-def _chunked_weight_grad(coef, coef_y, h2, weight, y, lse, temperature, chunk_size):
+def _weight_grad_slice(n_rows: int, vocab: int, vocab_slice: int | None) -> int:
+    """Columns per vocabulary slice of the torch path's weight-gradient pass: ``vocab_slice``,
+    else the Triton path's element budget, 2^26 (256 MiB), over all n_rows tokens. All tokens at
+    once: the [slice, H] gradient is then one GEMM that reduces over every token. (Its own
+    budget, not the forward's tile: with 2,048 x 2,048 tiles in both passes the trainable head's
+    fwd+bwd ran at 0.86x the former whole-token slices at H=896, V=151,936, 4,096 tokens,
+    interleaved under load 6-8; a trainable head holds a [V, H] gradient of that order anyway.)"""
+    return max(1, min(vocab, vocab_slice or _CHUNK_ELEMENTS // max(n_rows, 1)))
+
+
+def _chunked_weight_grad(coef, coef_y, h2, weight, y, lse, temperature, vocab_slice):
     """d loss / d W = G^T @ Hid with G_tv = coef_t (onehot_tv - p_tv), coef_t = g_t [valid] / tau,
     one vocabulary slice at a time: the slice's logits are recomputed, p = exp(z - lse), and the
     target column is set to coef_y = coef (1 - p_y) from the forward's logp."""
-    NT, H = h2.shape
+    NT = h2.shape[0]
     V = weight.shape[0]
-    W = weight.float()
     h32 = h2.float()
     hs = h32 * (1.0 / temperature) if temperature != 1.0 else h32
     grad = torch.empty_like(weight)                                  # [V, H]
     if NT == 0:
         return grad.zero_()
-    Vc = _vocab_slice(NT, V, chunk_size)
+    Vc = _weight_grad_slice(NT, V, vocab_slice)
     buf = torch.empty(NT * Vc, dtype=torch.float32, device=h2.device)
-    neg_coef = -coef[:, None]
-    lse_col = lse[:, None]
+    neg_coef = -coef[:, None]                                        # [NT, 1]
+    lse_col = lse[:, None]                                           # [NT, 1]
     rows_all = torch.arange(NT, device=h2.device)
     for v0 in range(0, V, Vc):
         v1 = min(v0 + Vc, V)
+        W_s = weight[v0:v1].float()                                  # [vc, H] (a copy only if bf16)
         z = _flat_view(buf, NT, v1 - v0)                             # [NT, vc]
-        _mm_fp32(hs, W[v0:v1].T, out=z)
+        torch.mm(hs, W_s.T, out=z)
         z.sub_(lse_col).exp_().mul_(neg_coef)                        # -coef p
         inside = (y >= v0) & (y < v1)
-        rows = rows_all[inside]
-        z.index_put_((rows, y[inside] - v0), coef_y[inside])
+        z.index_put_((rows_all[inside], y[inside] - v0), coef_y[inside])
         if grad.dtype == torch.float32:
             torch.mm(z.T, h32, out=grad[v0:v1])
         else:
@@ -298,22 +356,23 @@ def _chunked_weight_grad(coef, coef_y, h2, weight, y, lse, temperature, chunk_si
 
 
 class _LinearLogprobChunked(torch.autograd.Function):
-    """Row-chunked forward saving lse and D; backward g D / tau (+ vocabulary-sliced W grad)."""
+    """Tiled forward saving lse and D; backward g D / tau (+ the vocabulary-sliced W grad)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, return_entropy, chunk_size, need_d):
+    def forward(ctx, hidden, weight, targets, temperature, return_entropy, tile, vocab_slice,
+                need_d):
         N, T, H = hidden.shape
         h2 = hidden.reshape(N * T, H)
         y = targets.reshape(N * T).long()
-        logp, ent, lse, D = _chunked_forward(h2, weight, y, temperature, return_entropy,
-                                             chunk_size, need_d)
+        logp, ent, lse, D = _chunked_forward(h2, weight, y, temperature, return_entropy, tile,
+                                             need_d)
         logp = logp.view(N, T)
         need_w = ctx.needs_input_grad[1]
         ctx.save_for_backward(h2 if need_w else None, weight if need_w else None, y, lse, D,
                               logp if need_w else None)
         ctx.hidden_meta = (hidden.shape, hidden.dtype)
         ctx.temperature = temperature
-        ctx.chunk_size = chunk_size
+        ctx.vocab_slice = vocab_slice
         if ent is None:
             return logp
         ent = ent.view(N, T)
@@ -332,8 +391,8 @@ class _LinearLogprobChunked(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             coef_y = coef * -torch.expm1(logp.reshape(-1))                         # coef (1 - p_y)
             grad_w = _chunked_weight_grad(coef, coef_y, h2, weight, y, lse, ctx.temperature,
-                                          ctx.chunk_size)
-        return grad_h, grad_w, None, None, None, None, None
+                                          ctx.vocab_slice)
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def linear_logprob_chunked(
@@ -344,23 +403,29 @@ def linear_logprob_chunked(
     *,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
+    vocab_slice: int | None = None,
 ):
-    """The CPU path (and second reference): the chunked torch implementation, any device.
+    """The CPU path (and second reference): the tiled torch implementation, any device.
 
-    ``chunk_size`` rows of logits at a time (default ``default_chunk_size(V)``). Saves lse and
-    D = (onehot - p) @ W for the backward, never the logits; a frozen weight (requires_grad
+    The forward works on one [chunk_size, vocab_slice] fp32 tile of the logits at a time
+    (``torch_tile``: 2,048 rows x 4,096 columns, 32 MiB, at Qwen2.5's shapes); a trainable
+    head's weight-gradient pass on [N*T, vocab_slice] slices (default 2^26 elements). Saves lse
+    and D = (onehot - p) @ W for the backward, never the logits; a frozen weight (requires_grad
     False) costs no weight-gradient pass. Returns logp [N, T] fp32, or (logp, entropy).
     """
     _check_inputs(hidden, weight, targets, temperature, chunk_size)
-    return _chunked(hidden, weight, targets, temperature, return_entropy, chunk_size)
+    if vocab_slice is not None and (not isinstance(vocab_slice, int) or vocab_slice < 1):
+        raise ValueError(f"vocab_slice must be a positive int or None, got {vocab_slice!r}")
+    return _chunked(hidden, weight, targets, temperature, return_entropy, chunk_size, vocab_slice)
 
 
-def _chunked(hidden, weight, targets, temperature, return_entropy, chunk_size):
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
+def _chunked(hidden, weight, targets, temperature, return_entropy, chunk_size, vocab_slice=None):
+    N, T, _ = hidden.shape
+    tile = torch_tile(N * T, weight.shape[0], chunk_size, vocab_slice)
     # D is needed only for a hidden gradient: skip its GEMM under no_grad (old/ref log-probs)
     need_d = torch.is_grad_enabled() and hidden.requires_grad
     return _LinearLogprobChunked.apply(hidden, weight, targets, float(temperature),
-                                       bool(return_entropy), int(chunk), need_d)
+                                       bool(return_entropy), tile, vocab_slice, need_d)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -679,7 +744,8 @@ def linear_logprob(
 
     Returns ``logp`` [N, T] fp32, or ``(logp, entropy)`` with ``return_entropy`` (entropy has no
     gradient). Differentiable in ``hidden`` and, when it requires grad, ``weight``; never holds
-    the [N*T, V] logits (``chunk_size`` rows at a time, default ``default_chunk_size(V)``).
+    the [N*T, V] logits (``chunk_size`` rows at a time; default ``default_chunk_size(V)`` on the
+    Triton path, ``torch_tile``'s on the torch path, which also slices the vocabulary).
     ``backend``: "torch" is ``linear_logprob_chunked``; "triton" the custom op
     ``visioncoach::linear_logprob`` (cuBLAS GEMMs + Triton row kernels); "auto" picks Triton on
     CUDA and torch elsewhere.

@@ -2,11 +2,12 @@
 and on the real sample videos."""
 
 
+import numpy as np
 import pytest
 import torch
 
 from visioncoach.data import decode as D
-from video_clips import frame_ids, write_clip
+from video_clips import STEP, frame_ids, write_clip
 from shared_data import VIDEOS  # noqa: E402
 
 
@@ -37,13 +38,87 @@ def test_key_frames_inserted_in_time_order(clip40):
     assert frame_ids(clip) == [5, 15, 25, 35] and clip.is_key.tolist() == [True, False, False, False]
 
 
+def _count_decoded(monkeypatch) -> list[int]:
+    """A one-element list that counts the frames the decoder outputs from now on."""
+    count, inner = [0], D._robust_frames
+
+    def counted(*args, **kwargs):
+        for frame in inner(*args, **kwargs):
+            count[0] += 1
+            yield frame
+
+    monkeypatch.setattr(D, "_robust_frames", counted)
+    return count
+
+
+def _sequential(monkeypatch, path, **kw):
+    """decode() without the packet index: no skipped frames, one forward pass."""
+    with monkeypatch.context() as m:
+        m.setattr(D, "_packet_index", lambda container, stream: None)
+        m.setattr(D, "_SEEK_GAP_S", 1e9)
+        return D.decode(path, **kw)
+
+
 def test_seeking_and_sequential_decoding_agree(clip40, monkeypatch):
-    monkeypatch.setattr(D, "_SEEK_GAP_S", 0.0)   # seek for every target
+    planned = D.decode(clip40, nframes=16, key_times=[2.71])
+    seq = _sequential(monkeypatch, clip40, nframes=16, key_times=[2.71])
+    monkeypatch.setattr(D, "_packet_index", lambda container, stream: None)
+    monkeypatch.setattr(D, "_SEEK_GAP_S", 0.0)   # without an index: seek for every target
     seek = D.decode(clip40, nframes=16, key_times=[2.71])
-    monkeypatch.setattr(D, "_SEEK_GAP_S", 1e9)   # one forward pass
-    seq = D.decode(clip40, nframes=16, key_times=[2.71])
-    assert torch.equal(seek.frames, seq.frames) and torch.equal(seek.times, seq.times)
+    for clip in (planned, seek):
+        assert torch.equal(clip.frames, seq.frames) and torch.equal(clip.times, seq.times)
     assert frame_ids(seq) == sorted(set([int(10 * 4 * (i + 0.5) / 16) for i in range(16)] + [27]))
+
+
+def _moving(i, w=96, h=64):
+    # Grey level STEP * i (the frame's id) plus a moving bar: motion gives the encoder reasons
+    # for B-frames, the mean stays within +-3 of the id's grey.
+    arr = np.full((h, w, 3), STEP * i, dtype=np.uint8)
+    x = (5 * i) % (w - 8)
+    arr[:, x:x + 8] = np.clip(arr[:, x:x + 8].astype(int) + 24, 0, 255).astype(np.uint8)
+    arr[:, (x + w // 2) % (w - 8):(x + w // 2) % (w - 8) + 8] -= min(24, STEP * i)
+    return arr
+
+
+def _on_screen_reference(path, nframes, key_times):
+    """Plain PyAV: decode every frame in order, then per target time (uniform grid of the
+    header's duration + key times) the last frame starting at or before it (else the first).
+    -> (times, frames) of the distinct picked frames in time order."""
+    import av
+
+    from visioncoach.data.clip import stream_start_and_header, uniform_times
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        start, header = stream_start_and_header(c, s)
+        decoded = [(float(f.pts * s.time_base), f.to_ndarray(format="rgb24")) for f in c.decode(s)]
+    decoded.sort(key=lambda x: x[0])
+    picked = []
+    for target in sorted(uniform_times(header, nframes) + list(key_times)):
+        before = [i for i, (t, _) in enumerate(decoded) if t <= start + target]
+        picked.append(before[-1] if before else 0)
+    picked = sorted(set(picked))
+    return ([decoded[i][0] - start for i in picked],
+            torch.from_numpy(np.stack([decoded[i][1] for i in picked])))
+
+
+@pytest.mark.parametrize("codec, suffix", [("libx264", "mp4"), ("libx265", "mkv"), ("mpeg4", "avi")])
+def test_skipping_unpicked_frames_is_bit_identical(tmp_path, monkeypatch, codec, suffix):
+    # B-frames (non-reference: the decoder may drop them) and short GOPs (seeks between
+    # targets; AVI indexes keyframes by dts, so a seek to a time can land past it); several
+    # grids, key frames between, on and before frames.
+    opts = {"g": "12", "bf": "3"} if codec != "libx265" else {"x265-params": "keyint=12:bframes=3:log-level=0"}
+    path = write_clip(tmp_path / f"b.{suffix}", 42, fps=12, size=(96, 64), codec=codec, options=opts,
+                      content=_moving)
+    for nframes, key_times in [(16, [1.04, 2.71]), (5, []), (0, [0.0, 3.49]), (40, [0.5])]:
+        count = _count_decoded(monkeypatch)
+        clip = D.decode(path, nframes=nframes, key_times=key_times)
+        monkeypatch.undo()
+        times, frames = _on_screen_reference(path, nframes, key_times)
+        assert clip.times.tolist() == pytest.approx(times, abs=1e-9)
+        assert torch.equal(clip.frames, frames)
+        if nframes == 5:
+            assert count[0] < 42   # frames no target needs were not decoded
 
 
 def test_short_video_gives_each_frame_once(tmp_path):
@@ -116,3 +191,13 @@ def test_real_videos(name, size, duration):
     assert clip.duration == pytest.approx(duration, abs=0.1)
     # Distinct moments of real footage differ.
     assert not torch.equal(clip.frames[0], clip.frames[-1])
+
+
+@pytest.mark.parametrize("name", ["bikes.mp4", "cup.mp4"])
+def test_real_videos_equal_decoding_every_frame(name, monkeypatch):
+    count = _count_decoded(monkeypatch)
+    clip = D.decode(VIDEOS / name, nframes=16, key_times=[1.0, 5.5])
+    monkeypatch.undo()
+    times, frames = _on_screen_reference(VIDEOS / name, 16, [1.0, 5.5])
+    assert clip.times.tolist() == pytest.approx(times, abs=1e-9) and torch.equal(clip.frames, frames)
+    assert count[0] < {"bikes.mp4": 250, "cup.mp4": 217}[name]   # seeks and skips did save work

@@ -28,6 +28,23 @@ def test_matches_reference_fp32(shape):
     assert torch.all((got - ref).abs() <= 4 * _ulp(ref)), (got - ref).abs().max()
 
 
+@pytest.mark.parametrize("f, h, w, patch, temporal, merge", [
+    (3, 21, 35, 7, 1, 1),     # odd sizes, no merge, no temporal pairing
+    (4, 36, 24, 6, 2, 2),     # even patch, several merge blocks per row
+    (6, 30, 60, 5, 3, 2),     # temporal patch of 3
+    (1, 16, 16, 16, 1, 1),    # one patch
+])
+def test_other_patch_geometries(f, h, w, patch, temporal, merge):
+    # The CPU kernel walks patches row by row from the geometry alone: any patch, temporal and
+    # merge size must give the reference's layout.
+    frames = _frames(f, h, w, seed=2)
+    kw = {"patch_size": patch, "temporal_patch_size": temporal, "merge_size": merge}
+    got = ops.patchify_normalize(frames, **kw)
+    ref = ops.patchify_normalize_reference(frames, **kw)
+    assert got.shape == ref.shape == ((f // temporal) * (h // patch) * (w // patch), 3 * temporal * patch * patch)
+    assert torch.all((got - ref).abs() <= 4 * _ulp(ref)), (got - ref).abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_output_is_rounded_fp32(dtype):
     frames = _frames(4, 56, 84)

@@ -79,7 +79,10 @@ def test_native_extension_built():
     from torch.utils.cpp_extension import CUDA_HOME
     if torch.version.cuda and CUDA_HOME and os.environ.get("VISIONCOACH_BUILD_CUDA", "auto") != "0":
         assert info["cuda_built"], info["cuda_error"]
-    assert info["cuda_usable"] == (info["cuda_built"] and torch.cuda.is_available())
+    # Without the nvcc-built part a GPU is served by the NVRTC fallback (ops_nvrtc) when CuPy is in.
+    assert info["cuda_usable"] == (info["cuda_backend"] is not None)
+    if info["cuda_built"]:
+        assert info["cuda_usable"] == torch.cuda.is_available()
 
 
 def test_every_subpackage_is_listed_in_pyproject():

@@ -137,8 +137,10 @@ def test_native_info_says_built_and_usable():
     from visioncoach.ops import native_info
 
     info = native_info()
-    assert set(info) == {"cpu", "cuda_built", "cuda_usable", "cuda_error"}
-    assert info["cuda_usable"] == (info["cuda_built"] and torch.cuda.is_available())
+    assert set(info) == {"cpu", "cuda_built", "cuda_backend", "cuda_usable", "cuda_error"}
+    assert info["cuda_usable"] == (info["cuda_backend"] is not None)
+    if info["cuda_built"]:
+        assert info["cuda_backend"] == ("nvcc" if torch.cuda.is_available() else None)
 
 
 def test_progress_false_silences_transformers_bars(tmp_path, monkeypatch, capsys):

@@ -271,6 +271,86 @@ def test_training_mode_with_checkpointing_still_decodes(inputs, hf_greedy):
     assert torch.allclose(lp, g.logprobs, atol=1e-5, rtol=0)
 
 
+# ----------------------------------------------------------------------------- logprobs=False
+
+_VOCAB_REDUCTIONS = frozenset({"logsumexp", "log_softmax", "softmax", "_log_softmax", "_softmax"})
+
+
+class _VocabReductions(torch.overrides.TorchFunctionMode):
+    """Counts log-softmax / logsumexp / softmax calls on tensors whose last dim is ``vocab``,
+    whichever spelling is used (torch.*, Tensor.*, F.*)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.calls = vocab, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        x = args[0] if args else None
+        if (getattr(func, "__name__", "") in _VOCAB_REDUCTIONS and isinstance(x, torch.Tensor)
+                and x.dim() and x.shape[-1] == self.vocab):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_sample_tokens_without_logprobs_same_tokens_on_awkward_logits():
+    gen = torch.Generator().manual_seed(3)
+    ties = torch.zeros(3, 7)
+    ties[:, [2, 5]] = 1.0                              # argmax takes the first of equal maxima
+    cases = {
+        "ties": ties,
+        "neg_inf": torch.tensor([[-float("inf"), 0.5, -float("inf")], [2.0, -float("inf"), 2.0]]),
+        "one_token": torch.randn(4, 1, generator=gen),
+        "no_rows": torch.randn(0, 9, generator=gen),
+        "bf16": torch.randn(5, 33, generator=gen).bfloat16(),
+        "vocab": torch.randn(2, 151936, generator=gen) * 4,
+    }
+    for name, logits in cases.items():
+        tok, lp = sample_tokens(logits, greedy=True)
+        tok_only, none = sample_tokens(logits, greedy=True, logprobs=False)
+        assert none is None and torch.equal(tok_only, tok), name
+        assert torch.equal(tok, logits.float().argmax(-1)), name
+        assert lp.shape == tok.shape and lp.dtype == torch.float32, name
+        if logits.shape[1] > 1:
+            for temperature, top_p in ((1.0, 0.9), (0.7, 1.0)):
+                kw = {"temperature": temperature, "top_p": top_p}
+                a, lp_a = sample_tokens(logits, generator=torch.Generator().manual_seed(1), **kw)
+                b, none = sample_tokens(logits, generator=torch.Generator().manual_seed(1),
+                                        logprobs=False, **kw)
+                assert none is None and torch.equal(a, b), (name, kw)
+                assert lp_a.shape == a.shape, (name, kw)
+
+
+@pytest.mark.parametrize("layout", ["frames", "video"])
+def test_greedy_without_logprobs_same_tokens_and_no_vocab_log_softmax(layout, model, inputs, hf_greedy):
+    vocab = model.config.text_config.vocab_size
+    eos = int(hf_greedy[layout][4])                    # stop early on some rows' paths
+    for G, eos_ids in ((1, None), (3, None), (2, [eos, 151645])):
+        with _VocabReductions(vocab) as with_lp:
+            full = _group(model, inputs[layout], G, greedy=True, eos_token_ids=eos_ids)
+        with _VocabReductions(vocab) as without_lp:
+            fast = _group(model, inputs[layout], G, greedy=True, eos_token_ids=eos_ids, logprobs=False)
+        assert fast.logprobs is None and full.logprobs.shape == full.tokens.shape
+        assert torch.equal(fast.tokens, full.tokens), (G, fast.tokens, full.tokens)
+        assert torch.equal(fast.lengths, full.lengths) and torch.equal(fast.finished, full.finished)
+        assert fast.steps == full.steps
+        assert with_lp.calls >= full.steps                # the counter sees the per-step logsumexp
+        assert without_lp.calls == 0, without_lp.calls
+        if eos_ids is None:
+            assert torch.equal(fast.tokens, hf_greedy[layout].expand(G, -1))
+
+
+def test_sampled_rollout_unchanged_by_the_switch(model, inputs):
+    """RL keeps its log-probs (the default); turning them off changes no token."""
+    inp = inputs["frames"]
+    kw = {"max_new_tokens": 6, "temperature": 0.8, "top_p": 0.9}
+    a = _group(model, inp, 3, generator=torch.Generator().manual_seed(11), **kw)
+    b = _group(model, inp, 3, generator=torch.Generator().manual_seed(11), logprobs=False, **kw)
+    assert b.logprobs is None and torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    with torch.no_grad():
+        ref = completion_logprobs(model, a.prompt, a.tokens, a.lengths)
+    assert torch.allclose(ref, a.logprobs, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- errors, GPU
 
 def test_bad_arguments(model, inputs):

@@ -1,7 +1,9 @@
 """Native ops from csrc/ (``torch.ops.visioncoach.*``) with their PyTorch references.
 
 The C++ part (``visioncoach._C``) is always built; the CUDA part (``visioncoach._C_cuda``)
-only where CUDA and nvcc were present at install time. ``native_info()`` says which loaded.
+only where CUDA and nvcc were present at install time. Without it, the op's CUDA kernel is the
+same source compiled at run time by NVRTC through CuPy (``visioncoach.ops_nvrtc``; its launch
+is GPU-unverified). ``native_info()`` says which loaded and which will serve CUDA tensors.
 
 The grounding ops (csrc/grounding.cpp) have their Python references elsewhere:
 ``parse_grounding`` is wrapped by ``visioncoach.grounding.parse_texts`` (reference:
@@ -28,12 +30,32 @@ QWEN_MEAN = (0.48145466, 0.4578275, 0.40821073)
 QWEN_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def cuda_backend() -> str | None:
+    """What serves the CUDA kernels in this process: ``"nvcc"`` (``visioncoach._C_cuda``),
+    ``"nvrtc"`` (``ops_nvrtc``: compiled at run time by CuPy), or None (no GPU visible, or
+    neither is available)."""
+    if not torch.cuda.is_available():
+        return None
+    if _C_cuda is not None:
+        return "nvcc"
+    from visioncoach import ops_nvrtc
+
+    return "nvrtc" if ops_nvrtc.unavailable_reason() is None else None
+
+
 def native_info() -> dict:
-    """Which parts of the native extension loaded: ``cuda_built`` (the CUDA kernels are in this
-    install) vs ``cuda_usable`` (they are built and a GPU is visible: what a run will use)."""
-    built = _C_cuda is not None
-    return {"cpu": True, "cuda_built": built, "cuda_usable": built and torch.cuda.is_available(),
-            "cuda_error": _CUDA_ERROR}
+    """Which parts of the native extension loaded: ``cuda_built`` (the nvcc-built CUDA kernels
+    are in this install), ``cuda_backend`` (see ``cuda_backend()``) and ``cuda_usable`` (a
+    backend serves CUDA tensors: what a run will use)."""
+    backend = cuda_backend()
+    error = _CUDA_ERROR
+    if _C_cuda is None:
+        from visioncoach import ops_nvrtc
+
+        reason = ops_nvrtc.unavailable_reason()
+        error = f"{_CUDA_ERROR}; run-time compile: {reason or 'available'}"
+    return {"cpu": True, "cuda_built": _C_cuda is not None, "cuda_backend": backend,
+            "cuda_usable": backend is not None, "cuda_error": error}
 
 
 @torch.library.register_fake("visioncoach::patchify_normalize")
@@ -41,6 +63,25 @@ def _patchify_fake(frames, mean, std, patch_size, temporal_patch_size, merge_siz
     f, h, w, _ = frames.shape
     rows = (f // temporal_patch_size) * (h // patch_size) * (w // patch_size)
     return frames.new_empty((rows, 3 * temporal_patch_size * patch_size * patch_size), dtype=dtype)
+
+
+def _patchify_normalize_nvrtc(frames, mean, std, patch_size, temporal_patch_size, merge_size, dtype):
+    from visioncoach import ops_nvrtc
+
+    reason = ops_nvrtc.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(
+            f"patchify_normalize on {frames.device}: visioncoach._C_cuda is not built "
+            f"({_CUDA_ERROR}) and its run-time compiled replacement is unavailable: {reason}")
+    # Looked up at call time (not bound at registration) so tests can stop before the launch.
+    return ops_nvrtc.patchify_normalize_cuda(frames, mean, std, patch_size, temporal_patch_size,
+                                             merge_size, dtype)
+
+
+if _C_cuda is None:
+    # Registered with or without a GPU: only CUDA tensors reach a CUDA kernel.
+    _NVRTC_LIBRARY = torch.library.Library("visioncoach", "IMPL")
+    _NVRTC_LIBRARY.impl("patchify_normalize", _patchify_normalize_nvrtc, "CUDA")
 
 
 def patchify_normalize(frames: torch.Tensor, mean=QWEN_MEAN, std=QWEN_STD, patch_size: int = 14,
@@ -88,7 +129,7 @@ def _parse_grounding_fake(texts):
     n_claims, n_times, n_names = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
     b_max = ctx.new_dynamic_size(min=1)
     n = len(texts)
-    i64, f32 = dict(dtype=torch.int64), dict(dtype=torch.float32)
+    i64, f32 = {"dtype": torch.int64}, {"dtype": torch.float32}
     return (torch.empty(n_claims, **i64), torch.empty(n_claims, **f32),
             torch.empty(n_claims, b_max, 4, **f32), torch.empty(n_claims, **i64),
             torch.empty(n_claims, **i64), torch.empty(n_names, 3, **i64),

@@ -102,7 +102,7 @@ def heldout_format_reward(model, tokenizer, samples, cfg, reward_fn) -> float:
                                tokenizer, cfg.data)
         g = generate_group(model, inputs, 1, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True,
                            eos_token_ids=[e for e in eos if e is not None],
-                           pad_token_id=tokenizer.pad_token_id)
+                           pad_token_id=tokenizer.pad_token_id, logprobs=False)
         texts.append(tokenizer.decode(g.tokens[0, :int(g.lengths[0])].tolist(), skip_special_tokens=True))
     return float(reward_fn(texts, [s.reward_record for s in samples], cfg.reward)[FORMAT].float().mean())
 

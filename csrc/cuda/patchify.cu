@@ -11,22 +11,9 @@
 #include <torch/library.h>
 
 #include "../patchify.h"
+#include "patchify_kernel.cuh"
 
 namespace visioncoach {
-
-struct Affine3 { float scale[3]; float shift[3]; };
-
-template <typename out_t>
-__global__ void patchify_cuda_kernel(const uint8_t* __restrict__ src, out_t* __restrict__ dst,
-                                     PatchGeometry g, Affine3 a, int64_t total) {
-  const int64_t cols = g.cols();
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    int64_t c;
-    const int64_t off = source_offset(g, i / cols, i % cols, &c);
-    dst[i] = static_cast<out_t>(static_cast<float>(src[off]) * a.scale[c] + a.shift[c]);
-  }
-}
 
 at::Tensor patchify_normalize_cuda(const at::Tensor& frames, std::vector<double> mean,
                                    std::vector<double> std, int64_t patch, int64_t temporal,
@@ -36,18 +23,13 @@ at::Tensor patchify_normalize_cuda(const at::Tensor& frames, std::vector<double>
   c10::cuda::CUDAGuard guard(frames.device());
   auto src = frames.contiguous();
   auto out = at::empty({g.rows(), g.cols()}, frames.options().dtype(dtype));
-  Affine3 a;
-  for (int c = 0; c < 3; ++c) {
-    a.scale[c] = static_cast<float>(1.0 / (255.0 * std[c]));
-    a.shift[c] = static_cast<float>(-mean[c] / std[c]);
-  }
+  const Affine3 a = patchify_affine(mean.data(), std.data());
   const int64_t total = out.numel();
   if (total == 0) return out;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535LL * 8);
+  const int64_t blocks = patchify_blocks(total);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "patchify_normalize_cuda", [&] {
-    patchify_cuda_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+    patchify_cuda_kernel<scalar_t><<<blocks, kPatchifyThreads, 0, stream>>>(
         src.data_ptr<uint8_t>(), out.data_ptr<scalar_t>(), g, a, total);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -6,11 +6,22 @@ frame counts (the reference stack's decoder deadlocks on exactly that with
 one thing every decodable frame carries. Each target time takes the first frame whose
 presentation interval covers it (the last frame for times past the real end), so a lying
 header can cost accuracy in where the uniform grid falls, never a hang.
+
+Only what the picked frames need is decoded. One demux pass (no decoding: about 1% of the
+decoding time of the real clips) reads every packet's presentation time and the keyframes, so
+the frame each target takes is known before decoding: decoding then seeks to the keyframe
+before a picked frame whenever that keyframe lies ahead of what is decoded, and drops
+non-reference frames that are not picked (``skip_frame="NONREF"`` per packet: nothing else
+depends on them, so every picked frame is bit-identical to decoding the whole stream). Streams
+whose packets lack timestamps fall back to decoding everything between targets closer than
+``_SEEK_GAP_S``.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +38,8 @@ def _frame_time(frame, time_base) -> float | None:
     return None if pts is None else float(pts * time_base)
 
 
-# Seeking costs a keyframe's worth of decoding; below this gap decoding forward is cheaper.
+# Without a packet index: seeking costs a keyframe's worth of decoding; below this gap
+# decoding forward is cheaper.
 _SEEK_GAP_S = 1.0
 
 
@@ -98,26 +110,36 @@ def _probe_duration(container, stream, start: float) -> float:
     return 0.0 if last is None else last - start + 1e-3
 
 
-def _robust_frames(container, stream):
+def _robust_frames(container, stream, picked_pts: set[int] | None = None):
     """Decoded frames, skipping packets the decoder rejects and stopping at a broken tail.
 
     Real files have corrupt packets and truncated ends; one bad packet must cost one frame,
-    not the video.
+    not the video. ``picked_pts``: the packets whose frames are wanted; the decoder drops the
+    other packets' frames when no frame depends on them (non-reference frames).
     """
     import av
 
+    codec = stream.codec_context
     packets = container.demux(stream)
-    while True:
-        try:
-            packet = next(packets)
-        except StopIteration:
-            return
-        except av.error.FFmpegError:
-            return  # unreadable container tail: what was decoded stands
-        try:
-            yield from packet.decode()
-        except av.error.FFmpegError:
-            continue
+    try:
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except av.error.FFmpegError:
+                return  # unreadable container tail: what was decoded stands
+            if picked_pts is not None:
+                # Read per packet when it is submitted (frame threads copy it then), so
+                # switching it between packets applies to exactly that packet.
+                codec.skip_frame = "DEFAULT" if packet.pts in picked_pts else "NONREF"
+            try:
+                yield from packet.decode()
+            except av.error.FFmpegError:
+                continue
+    finally:
+        if picked_pts is not None:
+            codec.skip_frame = "DEFAULT"
 
 
 def _to_array(frame, max_side: int | None) -> np.ndarray:
@@ -128,14 +150,70 @@ def _to_array(frame, max_side: int | None) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")
 
 
+@dataclass(frozen=True)
+class _PacketIndex:
+    """Presentation times of a stream's packets, from demuxing alone."""
+    times: list[float]              # seconds (absolute stream time), sorted
+    pts: list[int]                  # the packets' pts, in the order of ``times``
+    key_times: list[float]          # keyframes' presentation times, sorted
+    key_pts: list[int]              # the keyframes' pts, in the order of ``key_times``
+    intact: bool                    # no corrupt packet, no unreadable tail
+
+
+def _packet_index(container, stream) -> _PacketIndex | None:
+    """The stream's packet times, or None when a packet has no pts (raw streams): then which
+    frame is on screen at a time is only known by decoding."""
+    import av
+
+    tb = stream.time_base
+    entries, keys = [], []
+    intact = True
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue                     # the demuxer's end-of-stream marker
+            if packet.pts is None:
+                return None
+            intact = intact and not packet.is_corrupt
+            t = float(packet.pts * tb)       # as _frame_time computes a decoded frame's time
+            entries.append((t, packet.pts))
+            if packet.is_keyframe:
+                keys.append((t, packet.pts))
+    except av.error.FFmpegError:
+        intact = False                       # unreadable tail: the packets before it stand
+    if not entries:
+        return None
+    entries.sort()
+    keys.sort()
+    return _PacketIndex([t for t, _ in entries], [p for _, p in entries], [t for t, _ in keys],
+                        [p for _, p in keys], intact)
+
+
+def _picked_times(index: _PacketIndex, targets: list[float]) -> list[float]:
+    """Per target, the presentation time of the frame on screen then (the first frame for a
+    target before it)."""
+    return [index.times[max(0, bisect.bisect_right(index.times, t) - 1)] for t in targets]
+
+
 def _decode_at(container, stream, targets: list[float], max_side: int | None):
     """(frame time, RGB array) for each sorted target time (absolute stream seconds).
 
     The frame for time tau is the one on screen at tau: the last frame starting at or before
-    tau (the first frame if tau precedes it, the last decodable one past the end). Decoding
-    runs forward between nearby targets and seeks across gaps longer than ``_SEEK_GAP_S``.
+    tau (the first frame if tau precedes it, the last decodable one past the end). With a
+    packet index (module docstring) decoding seeks to the keyframe before each picked frame
+    when that keyframe is ahead of the decoded position and skips unpicked non-reference
+    frames; without one it runs forward between nearby targets and seeks across gaps longer
+    than ``_SEEK_GAP_S``.
     """
     tb = stream.time_base
+    index = _packet_index(container, stream)
+    picked = _picked_times(index, targets) if index is not None else None
+    picked_pts = None
+    # In a damaged stream a picked packet may not decode; the frame on screen instead is the
+    # last one that does, maybe a non-reference one: decode them all.
+    if index is not None and index.intact:
+        wanted = set(picked)
+        picked_pts = {p for t, p in zip(index.times, index.pts) if t in wanted}
     out: list[tuple[float, np.ndarray]] = []
     # id(frame) -> (frame, array); holding the frame keeps its id from being reused.
     arrays: dict[int, tuple[object, np.ndarray]] = {}
@@ -151,13 +229,32 @@ def _decode_at(container, stream, targets: list[float], max_side: int | None):
                 return (t, frame)
         return None
 
-    for target in targets:
+    def seek(ts: int):
+        nonlocal it, last, ahead
+        container.seek(max(0, ts), stream=stream, backward=True, any_frame=False)
+        it = _robust_frames(container, stream, picked_pts)
+        last = ahead = None
+
+    for k, target in enumerate(targets):
         if not exhausted:
             pos = ahead[0] if ahead is not None else (last[0] if last is not None else -math.inf)
-            if it is None or target - pos > _SEEK_GAP_S:
-                container.seek(max(0, int(target / tb)), stream=stream, backward=True, any_frame=False)
-                it = _robust_frames(container, stream)
-                last = ahead = None
+            if index is None:
+                if it is None or target - pos > _SEEK_GAP_S:
+                    seek(int(target / tb))
+            else:
+                key = bisect.bisect_right(index.key_times, picked[k]) - 1   # -1: none before it
+                if it is None or (key >= 0 and index.key_times[key] > pos):
+                    while True:
+                        # A keyframe's own pts lands on it whether the demuxer indexes by pts
+                        # or by dts (<= pts); one that lands past it anyway is stepped back.
+                        # A keyframe that decodes to nothing (a broken file) is stepped back
+                        # from too: decoding forward then finds the last decodable frame.
+                        seek(index.key_pts[key] if key >= 0 else 0)
+                        ahead = pull()
+                        if key < 0 or (ahead is not None and ahead[0] <= picked[k]):
+                            break
+                        key -= 1
+                    exhausted = ahead is None
             while True:
                 if ahead is not None:
                     if ahead[0] > target:
@@ -171,10 +268,10 @@ def _decode_at(container, stream, targets: list[float], max_side: int | None):
         chosen = last if last is not None else ahead
         if chosen is None:
             break  # nothing decodable at or after this point
-        key = id(chosen[1])
-        if key not in arrays:
-            arrays[key] = (chosen[1], _to_array(chosen[1], max_side))
-        out.append((chosen[0], arrays[key][1]))
+        frame_id = id(chosen[1])
+        if frame_id not in arrays:
+            arrays[frame_id] = (chosen[1], _to_array(chosen[1], max_side))
+        out.append((chosen[0], arrays[frame_id][1]))
     return out
 
 

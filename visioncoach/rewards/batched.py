@@ -4,10 +4,11 @@ The batch is parsed once by the front-end ``visioncoach.grounding.parse_texts``:
 (csrc/grounding.cpp) by default, the per-text Python ``parse`` as fallback (``FRONTEND`` or
 ``score(frontend=...)``). It yields the claims, the predicted times, each text's answer span
 and error count, so format is a tensor expression and accuracy the only per-text string work
-(option letter, first segment or box of the answer; ROUGE cached per distinct (answer,
-ground truth)). Each distinct record object is validated and converted once (rollouts of
-one prompt share it). The temporal (eqs. 5-6) and spatial (eqs. 8/15, 13, 14) rewards are
-computed for the whole batch with tensor ops over two layouts:
+(option letter, first segment or box of the answer; ROUGE once per distinct (answer,
+ground truth), all pairs in one ``rewards.rouge.rouge_batch`` call). Each distinct record
+object is validated and converted once (rollouts of one prompt share it). The temporal
+(eqs. 5-6) and spatial (eqs. 8/15, 13, 14) rewards are computed for the whole batch with
+tensor ops over two layouts:
 
 * ``ClaimBatch`` (``visioncoach.grounding``): claims and predicted times, flat over rollouts.
 * ``GroundTruth`` (here): per distinct record, padded.
@@ -43,8 +44,9 @@ from visioncoach.grounding import (BACKENDS, ClaimBatch, answer_letter, first_bo
 from visioncoach.rewards.components import ACCURACY, FORMAT, SPATIAL, TEMPORAL, TOTAL
 from visioncoach.rewards.records import (FREE_FORM_TASKS, MCQ_TASKS, TEMPORAL_SPATIAL_TASK,
                                          Record, convert)
-from visioncoach.rewards.reference import (box_iou, check_config, identity_match, rouge,
-                                           segment_iou, sigma_at)
+from visioncoach.rewards.reference import (box_iou, check_config, identity_match, segment_iou,
+                                           sigma_at)
+from visioncoach.rewards.rouge import rouge_batch
 
 try:
     from visioncoach import ops
@@ -339,9 +341,13 @@ def _claim_scores(cb: ClaimBatch, gt: GroundTruth, frame: torch.Tensor, gate: to
 def _accuracy(answers: Sequence[str | None], records: Sequence[Record], index: Sequence[int]) -> list[float]:
     """r_acc per text. It is a function of (answer, record), and the G rollouts of a prompt
     often answer alike, so each distinct pair is scored once (ROUGE: each distinct (answer,
-    ground-truth answer), across records)."""
+    ground-truth answer), across records, all in one ``rouge_batch`` call)."""
     cache: dict[tuple[str, int], float] = {}
-    rouge_cache: dict[tuple[str, str], float] = {}
+    rouge_pairs = list(dict.fromkeys(
+        (answer, records[r].answer) for answer, r in zip(answers, index)
+        if answer is not None and records[r].task in FREE_FORM_TASKS))
+    rouge_cache = dict(zip(rouge_pairs, rouge_batch([a for a, _ in rouge_pairs],
+                                                    [t for _, t in rouge_pairs]).tolist()))
     out = []
     for answer, r in zip(answers, index):
         if answer is None:
@@ -355,10 +361,7 @@ def _accuracy(answers: Sequence[str | None], records: Sequence[Record], index: S
                 letter = answer_letter(answer)
                 value = 1.0 if letter is not None and letter == rec.gt_letter else 0.0
             elif rec.task in FREE_FORM_TASKS:
-                key = (answer, rec.answer)
-                if key not in rouge_cache:
-                    rouge_cache[key] = rouge(answer, rec.answer)
-                value = rouge_cache[key]
+                value = rouge_cache[(answer, rec.answer)]
             elif rec.task == "temporal QA":
                 pred = first_segment(answer)
                 if pred is not None and rec.segments:

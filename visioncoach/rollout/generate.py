@@ -51,7 +51,8 @@ _CACHE_BUCKET = 128
 class RolloutGroup:
     """G continuations of one prompt."""
     tokens: torch.Tensor      # [G, T] int64, pad after a row's EOS; T = longest completion
-    logprobs: torch.Tensor    # [G, T] float32 log p(token) under the model (0 at padding)
+    logprobs: torch.Tensor | None   # [G, T] float32 log p(token) under the model (0 at padding);
+                                    # None when generated with ``logprobs=False``
     lengths: torch.Tensor     # [G] int64, number of completion tokens including the EOS
     finished: torch.Tensor    # [G] bool, True where the row ended with an EOS token
     prompt_length: int
@@ -133,7 +134,7 @@ def generate_group(model, inputs, G: int, *, max_new_tokens: int, temperature: f
                    greedy: bool = False, vision: VisionFeatures | None = None,
                    prompt: PromptEmbeds | None = None, top_p_method: str = "auto",
                    check_every: int | None = None, compile_decode: bool = False,
-                   kv_mask: bool | None = None) -> RolloutGroup:
+                   kv_mask: bool | None = None, logprobs: bool = True) -> RolloutGroup:
     """G continuations of one prompt, with one vision-encoder pass and one prompt prefill.
 
     inputs: ``ModelInputs`` (or its tensors) of one prompt; only ``input_ids`` and the grids
@@ -149,6 +150,9 @@ def generate_group(model, inputs, G: int, *, max_new_tokens: int, temperature: f
         graphs); only when the model is on CUDA, ignored elsewhere.
     kv_mask: feed ``decode_step`` an explicit [G, cache length] mask of filled slots; None =
         only for flash-attention implementations.
+    logprobs: record the chosen tokens' log-probs (``RolloutGroup.logprobs``; GSPO's old-policy
+        log-probs). False (prediction, judges): ``RolloutGroup.logprobs`` is None and a greedy
+        step computes no log-softmax over the vocabulary; the tokens are the same.
     """
     if G < 1 or max_new_tokens < 1:
         raise ValueError(f"need G >= 1 and max_new_tokens >= 1, got G={G}, max_new_tokens={max_new_tokens}")
@@ -170,7 +174,7 @@ def generate_group(model, inputs, G: int, *, max_new_tokens: int, temperature: f
         if kv_mask is None:
             kv_mask = "flash" in str(hf_model(model).config._attn_implementation)
         sample = dict(temperature=temperature, top_p=top_p, generator=generator, greedy=greedy,
-                      top_p_method=top_p_method)
+                      top_p_method=top_p_method, logprobs=logprobs)
 
         # Prefill once (batch 1), then give each of the G rows a copy of the prompt's K/V.
         prefix, h_last = prefill(model, prompt)
@@ -187,7 +191,8 @@ def generate_group(model, inputs, G: int, *, max_new_tokens: int, temperature: f
 
         positions = prompt.completion_positions(max_new_tokens)        # [3, N]
         tokens = torch.full((G, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros(G, max_new_tokens, dtype=torch.float32, device=device)
+        token_logprobs = (torch.zeros(G, max_new_tokens, dtype=torch.float32, device=device)
+                          if logprobs else None)
         lengths = torch.zeros(G, dtype=torch.long, device=device)
         finished = torch.zeros(G, dtype=torch.bool, device=device)
         eos = torch.tensor(eos_list, dtype=torch.long, device=device) if eos_list else None
@@ -199,7 +204,8 @@ def generate_group(model, inputs, G: int, *, max_new_tokens: int, temperature: f
             alive = ~finished
             tok = torch.where(alive, tok, pad)
             tokens[:, t] = tok
-            logprobs[:, t] = torch.where(alive, lp, 0.0)
+            if token_logprobs is not None:
+                token_logprobs[:, t] = torch.where(alive, lp, 0.0)
             lengths += alive
             if eos is not None:
                 finished = finished | torch.isin(tok, eos)
@@ -217,6 +223,7 @@ def generate_group(model, inputs, G: int, *, max_new_tokens: int, temperature: f
             tok, lp = sample_tokens(logits, **sample)
 
         T = int(lengths.max())
-        return RolloutGroup(tokens=tokens[:, :T].contiguous(), logprobs=logprobs[:, :T].contiguous(),
+        kept_logprobs = token_logprobs[:, :T].contiguous() if token_logprobs is not None else None
+        return RolloutGroup(tokens=tokens[:, :T].contiguous(), logprobs=kept_logprobs,
                             lengths=lengths, finished=finished, prompt_length=L, vision=vision,
                             prompt=prompt, steps=steps)

@@ -122,17 +122,22 @@ def _row_histogram(flat_bins: torch.Tensor, weights: torch.Tensor, rows: int, bi
 
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
                   generator: torch.Generator | None = None, greedy: bool = False,
-                  top_p_method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                  top_p_method: str = "auto", logprobs: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token per row of ``logits`` [B, V] -> (tokens [B] int64, log p(token) [B] float32).
 
     Greedy: argmax (as transformers). Otherwise temperature, top-p, and one inverse-CDF draw
     per row with ``generator`` (on the logits' device; None = the global RNG). The log-probs
     are the model's (log-softmax of the raw logits), whatever the temperature and top-p.
+    ``logprobs=False``: the second element is None and, when greedy, nothing but the argmax
+    touches the vocabulary (the full-vocabulary logsumexp was ~40% of a greedy CPU step of
+    the tiny model; prediction never reads it). Sampling needs the softmax anyway, so there
+    it only skips the final gather / logsumexp.
     """
     logits = logits.float()
     if greedy:
         tokens = logits.argmax(-1)
-        return tokens, _token_logprobs(logits, tokens)
+        return tokens, (_token_logprobs(logits, tokens) if logprobs else None)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     probs = (logits if temperature == 1.0 else logits / temperature).softmax(-1)
@@ -142,6 +147,8 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: floa
         # (a 0-dim tensor: where() with a Python scalar is several times slower on CPU)
         weights = torch.where(keep, probs, probs.new_zeros(()))
     tokens = _inverse_cdf(weights, generator)
+    if not logprobs:
+        return tokens, None
     if temperature == 1.0:   # the softmax already is the model's distribution
         return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()
     return tokens, _token_logprobs(logits, tokens)

@@ -45,7 +45,7 @@ class Session:
     def _complete(self, inputs, vision: VisionFeatures | None, max_new_tokens: int):
         group = generate_group(self.model, inputs, 1, greedy=True, max_new_tokens=max_new_tokens,
                                eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
-                               vision=vision)
+                               vision=vision, logprobs=False)
         n = int(group.lengths[0])
         return self.tokenizer.decode(group.tokens[0, :n].tolist(), skip_special_tokens=True), group.vision
 

@@ -182,7 +182,7 @@ class LocalVLMReasoner:
         with self._lock:
             group = generate_group(self.model, self._inputs(request), 1, greedy=True,
                                    max_new_tokens=self.max_new_tokens, eos_token_ids=[eos],
-                                   pad_token_id=self.tokenizer.pad_token_id)
+                                   pad_token_id=self.tokenizer.pad_token_id, logprobs=False)
         n = int(group.lengths[0])
         return self.tokenizer.decode(group.tokens[0, :n].tolist(), skip_special_tokens=True)
 
