@@ -20,6 +20,7 @@ SFT is done).
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -230,6 +231,79 @@ def check_paths(cfg) -> None:
         need(Path(cfg.log.resume).is_dir(), "log.resume", "checkpoint folder", cfg.log.resume)
 
 
+def _run_stages(cfg, dist_info, reward_fn, t_start: float) -> int:
+    """The stages, after start-up: its own frame, so that the model, engines and runners are
+    unreferenced once it returns (see ``main``'s shutdown)."""
+    from visioncoach.models.policy import build_policy
+    from visioncoach.ops import native_info
+    from visioncoach.trainer.lockstep import empty_steps   # steps no rank had a sample for
+    from visioncoach.trainer.runfolder import RunSummary, stage_rows
+
+    torch.manual_seed(cfg.seed)
+    log.info("world size %d, backend %s, device %s", dist_info.world_size, dist_info.backend,
+             dist_info.device)
+    log.info("native ops: %s", native_info())
+    out_dir = Path(cfg.output_dir)
+    if dist_info.is_main:
+        write_text_atomic(out_dir / "config.yaml", config_lib.to_yaml(cfg))
+    dataset = prepare_dataset(cfg, dist_info)
+    log.info("dataset %s: %d records (%d skipped: media missing; %d skipped: invalid)",
+             dataset.path, len(dataset), len(dataset.missing_videos), len(dataset.skipped))
+    model, processor, info = build_policy(cfg.model, cfg.data, dist_info.device, seed=cfg.seed)
+    report = preflight(model, processor.tokenizer, dataset, cfg, dist_info)
+    log.info("preflight: %s", report)
+    summary = RunSummary(cfg, dist_info.is_main, t0=t_start)   # summary.json, across resumes
+    # Every rank evaluates the held-out set (same samples, same result): under ZeRO-3 the
+    # forward passes gather parameters collectively.
+    heldout = _heldout_set(cfg, dist_info)
+    rl_ckpt = cfg.log.resume and latest_checkpoint(out_dir / "checkpoints" / "rl") is not None
+    if cfg.stage in ("sft", "sft+rl") and not rl_ckpt:
+        from visioncoach.trainer.sft import SFTRunner
+
+        # A resumed run keeps its first segment's number (measured on the same fresh init).
+        if heldout is not None and "heldout_format_before_sft" not in summary:
+            summary["heldout_format_before_sft"] = heldout_format_reward(model, processor.tokenizer,
+                                                                         heldout, cfg, reward_fn)
+        runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir,
+                           processor=processor)
+        runner.maybe_resume(cfg.log.resume)
+        rows = stage_rows(runner, runner.run())
+        history = [m for m in rows if m["loss"] is not None]
+        if history:
+            k = max(1, len(history) // 5)
+            summary["sft"] = {"steps": runner.step, "empty_steps": empty_steps(rows),
+                              "loss_first": sum(m["loss"] for m in history[:k]) / k,
+                              "loss_last": sum(m["loss"] for m in history[-k:]) / k}
+        if heldout is not None:
+            summary["heldout_format_after_sft"] = heldout_format_reward(model, processor.tokenizer,
+                                                                        heldout, cfg, reward_fn)
+            log.info("held-out format reward (%d synthetic samples, greedy): %.3f before SFT, "
+                     "%.3f after", len(heldout), summary["heldout_format_before_sft"],
+                     summary["heldout_format_after_sft"])
+        del runner
+    if cfg.stage in ("rl", "sft+rl"):
+        from visioncoach.trainer.checkpoint import load_weights
+        from visioncoach.trainer.rl import RLRunner
+
+        sft_ckpt = latest_checkpoint(out_dir / "checkpoints" / "sft")
+        if rl_ckpt and cfg.stage == "sft+rl" and sft_ckpt is not None:
+            # SFT was skipped: its final weights are RL's starting point (and reference policy).
+            load_weights(sft_ckpt, model)
+
+        rl_data = dataset if cfg.stage == "rl" else prepare_dataset(cfg, dist_info, sft=False)
+        runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir,
+                          reward_fn=reward_fn, processor=processor)
+        runner.maybe_resume(cfg.log.resume)
+        history = stage_rows(runner, runner.run())   # every segment's steps
+        summary["rl"] = {**rl_summary(history, runner.step), "empty_steps": empty_steps(history)}
+        log.info("RL: mean reward per component, first -> last steps: %s", summary["rl"]["reward"])
+    summary["ranks_identical_after_training"] = ranks_identical(model, dist_info)
+    summary.finish()   # wall_time_s: summed over the segments, each from its start-up
+    if dist_info.is_main:
+        log.info("summary: %s (metrics in %s)", summary, out_dir / "metrics.jsonl")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
@@ -255,8 +329,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visioncoach.train: config error: {exc}", file=sys.stderr)
         return 2
 
-    from visioncoach.models.policy import build_policy
-    from visioncoach.ops import native_info
     from visioncoach.utils.dist import init_distributed, shutdown
 
     dist_info = init_distributed(cfg.dist)
@@ -266,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from visioncoach.trainer.runfolder import RunSummary, StartupError, claim_run_folder, stage_rows
-    from visioncoach.trainer.lockstep import empty_steps   # steps no rank had a sample for
+    from visioncoach.trainer.runfolder import StartupError, claim_run_folder
 
     lock = None
     try:
@@ -277,72 +348,16 @@ def main(argv: list[str] | None = None) -> int:
             if dist_info.is_main:
                 print(f"visioncoach.train: error: {exc}", file=sys.stderr)
             return 2
-        torch.manual_seed(cfg.seed)
-        log.info("world size %d, backend %s, device %s", dist_info.world_size, dist_info.backend,
-                 dist_info.device)
-        log.info("native ops: %s", native_info())
-        out_dir = Path(cfg.output_dir)
-        if dist_info.is_main:
-            write_text_atomic(out_dir / "config.yaml", config_lib.to_yaml(cfg))
-        dataset = prepare_dataset(cfg, dist_info)
-        log.info("dataset %s: %d records (%d skipped: media missing; %d skipped: invalid)",
-                 dataset.path, len(dataset), len(dataset.missing_videos), len(dataset.skipped))
-        model, processor, info = build_policy(cfg.model, cfg.data, dist_info.device, seed=cfg.seed)
-        report = preflight(model, processor.tokenizer, dataset, cfg, dist_info)
-        log.info("preflight: %s", report)
-        summary = RunSummary(cfg, dist_info.is_main, t0=t_start)   # summary.json, across resumes
-        # Every rank evaluates the held-out set (same samples, same result): under ZeRO-3 the
-        # forward passes gather parameters collectively.
-        heldout = _heldout_set(cfg, dist_info)
-        rl_ckpt = cfg.log.resume and latest_checkpoint(out_dir / "checkpoints" / "rl") is not None
-        if cfg.stage in ("sft", "sft+rl") and not rl_ckpt:
-            from visioncoach.trainer.sft import SFTRunner
-
-            # A resumed run keeps its first segment's number (measured on the same fresh init).
-            if heldout is not None and "heldout_format_before_sft" not in summary:
-                summary["heldout_format_before_sft"] = heldout_format_reward(model, processor.tokenizer,
-                                                                             heldout, cfg, reward_fn)
-            runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir,
-                               processor=processor)
-            runner.maybe_resume(cfg.log.resume)
-            rows = stage_rows(runner, runner.run())
-            history = [m for m in rows if m["loss"] is not None]
-            if history:
-                k = max(1, len(history) // 5)
-                summary["sft"] = {"steps": runner.step, "empty_steps": empty_steps(rows),
-                                  "loss_first": sum(m["loss"] for m in history[:k]) / k,
-                                  "loss_last": sum(m["loss"] for m in history[-k:]) / k}
-            if heldout is not None:
-                summary["heldout_format_after_sft"] = heldout_format_reward(model, processor.tokenizer,
-                                                                            heldout, cfg, reward_fn)
-                log.info("held-out format reward (%d synthetic samples, greedy): %.3f before SFT, "
-                         "%.3f after", len(heldout), summary["heldout_format_before_sft"],
-                         summary["heldout_format_after_sft"])
-            del runner
-        if cfg.stage in ("rl", "sft+rl"):
-            from visioncoach.trainer.checkpoint import load_weights
-            from visioncoach.trainer.rl import RLRunner
-
-            sft_ckpt = latest_checkpoint(out_dir / "checkpoints" / "sft")
-            if rl_ckpt and cfg.stage == "sft+rl" and sft_ckpt is not None:
-                # SFT was skipped: its final weights are RL's starting point (and reference policy).
-                load_weights(sft_ckpt, model)
-
-            rl_data = dataset if cfg.stage == "rl" else prepare_dataset(cfg, dist_info, sft=False)
-            runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir,
-                              reward_fn=reward_fn, processor=processor)
-            runner.maybe_resume(cfg.log.resume)
-            history = stage_rows(runner, runner.run())   # every segment's steps
-            summary["rl"] = {**rl_summary(history, runner.step), "empty_steps": empty_steps(history)}
-            log.info("RL: mean reward per component, first -> last steps: %s", summary["rl"]["reward"])
-        summary["ranks_identical_after_training"] = ranks_identical(model, dist_info)
-        summary.finish()   # wall_time_s: summed over the segments, each from its start-up
-        if dist_info.is_main:
-            log.info("summary: %s (metrics in %s)", summary, out_dir / "metrics.jsonl")
-        return 0
+        return _run_stages(cfg, dist_info, reward_fn, t_start)
     finally:
         if lock is not None:
             lock.release()
+        # With _run_stages' frame gone, collecting the cycles among the model, engines and
+        # runners drops the last references to the process group, so destroy_process_group
+        # frees it (and joins gloo's worker threads) now, not during interpreter shutdown,
+        # where that aborted a rank now and then ("terminate called without an active
+        # exception", SIGABRT after a completed run).
+        gc.collect()
         shutdown()
 
 
