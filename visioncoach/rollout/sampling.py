@@ -130,9 +130,10 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: floa
     per row with ``generator`` (on the logits' device; None = the global RNG). The log-probs
     are the model's (log-softmax of the raw logits), whatever the temperature and top-p.
     ``logprobs=False``: the second element is None and, when greedy, nothing but the argmax
-    touches the vocabulary (the full-vocabulary logsumexp was ~40% of a greedy CPU step of
-    the tiny model; prediction never reads it). Sampling needs the softmax anyway, so there
-    it only skips the final gather / logsumexp.
+    touches the vocabulary (prediction never reads the log-probs; the full-vocabulary
+    logsumexp was 8% of a greedy step of the tiny model on a quiet 2-core CPU, far more when
+    its second thread waits for a busy core: bench/bench_greedy.py). Sampling needs the
+    softmax anyway, so there it only skips the final gather / logsumexp.
     """
     logits = logits.float()
     if greedy:
