@@ -82,6 +82,11 @@ TORCH_LIBRARY_IMPL(visioncoach, CPU, m) {
   m.impl("patchify_normalize", &visioncoach::patchify_normalize_cpu);
 }
 
+namespace visioncoach {
+void register_gt_pack(pybind11::module& m);  // gt_pack.cpp
+}  // namespace visioncoach
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("has_cuda_part") = false;
+  visioncoach::register_gt_pack(m);
 }

@@ -1,9 +1,13 @@
 """Rewards (paper section 3.4, appendix D.2): hand-written cases from the equations, the
 batched path against the reference on generated outputs, bad input, record validation."""
 
+import copy
 import math
 import os
+from collections import OrderedDict
+from types import MappingProxyType
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +17,9 @@ import visioncoach.config
 from visioncoach.rewards import (TASKS, RewardConfig, accuracy_reward, box_iou, format_reward,
                                  identity_match, score, score_reference, segment_iou, sigma_at,
                                  spatial_reward, temporal_reward)
+from visioncoach.grounding import _order_box, first_box, first_segment, parse_texts
 from visioncoach.rewards import batched
+from visioncoach.rewards.records import convert, convert_many
 from visioncoach.rewards.reference import rouge
 
 TS = "temporal-spatial free-form QA"
@@ -343,8 +349,8 @@ def test_components_are_independent_of_format():
 
 def test_score_total_and_record_reuse(monkeypatch):
     calls = []
-    real = batched.convert
-    monkeypatch.setattr(batched, "convert", lambda s, i: calls.append(i) or real(s, i))
+    real = batched.convert_many
+    monkeypatch.setattr(batched, "convert_many", lambda s, i: calls.extend(i) or real(s, i))
     a, b = scene({"dog": [DOG]}, answer="a dog runs"), scene({"cat": [CAT]}, answer="a cat")
     texts = [out(claim("dog", [DOG], 2.0), "a dog runs"), out("x"), out(claim("cat", [CAT], 2.5), "cat"),
              out(claim("dog", [DOG], 4.0), "dog")]
@@ -577,6 +583,266 @@ def test_kernel_backend_equals_tensor_path_on_generated_outputs(batch):
             torch.testing.assert_close(fast[k], ref[k], atol=2e-6, rtol=0, msg=k)
 
 
+@settings(max_examples=max(N_EXAMPLES // 3, 10), deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(batches())
+def test_batched_equals_reference_without_the_native_reward_code(batch):
+    # An extension built before csrc/rewards.cpp and csrc/gt_pack.cpp: the Python and tensor
+    # paths (ground truth, temporal, spatial, ROUGE counting) take over, with the same results.
+    from visioncoach.rewards import rouge as rouge_module
+
+    texts, samples, identity, sigma, tau, progress = batch
+    saved = batched._NATIVE_REWARDS, batched._pack_native, rouge_module._native_op
+    batched._NATIVE_REWARDS, batched._pack_native, rouge_module._native_op = False, None, None
+    try:
+        for mode in ("object_aware", "max", "avg"):
+            scored(texts, samples, RewardConfig(sigma=sigma, tau=tau, spatial_mode=mode, identity=identity),
+                   progress)
+    finally:
+        batched._NATIVE_REWARDS, batched._pack_native, rouge_module._native_op = saved
+
+
+@pytest.mark.skipif(not batched._NATIVE_REWARDS, reason="visioncoach._C lacks the reward loops")
+@settings(max_examples=N_EXAMPLES, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(batches())
+def test_native_cpu_loops_equal_tensor_path_on_generated_outputs(batch):
+    # csrc/rewards.cpp's loops (the CPU default) against the tensor-op path they replace:
+    # the same float64 arithmetic, so equal up to exp's last bit and the order of small sums.
+    texts, samples, identity, sigma, tau, progress = batch
+    records, index = batched.convert_records(samples)
+    cb = parse_texts(texts, "native").claims
+    gt = batched.ground_truth(records)
+    rollout_record = torch.tensor(index, dtype=torch.int64)
+    s = sigma_at(progress, sigma)
+    fast = batched.temporal_rewards(cb, gt, rollout_record, s)
+    slow = batched.temporal_rewards(cb, gt, rollout_record, s, native=False)
+    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+    for mode in ("object_aware", "max", "avg"):
+        fast = batched.spatial_rewards(cb, gt, rollout_record, tau, mode, identity, native_identity=True)
+        slow = batched.spatial_rewards(cb, gt, rollout_record, tau, mode, identity, native_identity=True,
+                                       native=False)
+        torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0, msg=mode)
+
+
+@pytest.mark.skipif(not batched._NATIVE_REWARDS, reason="visioncoach._C lacks the reward loops")
+def test_native_cpu_loops_are_what_score_runs_and_check_their_input(monkeypatch):
+    calls = []
+    for name in ("temporal_reward_cpu", "spatial_reward_cpu"):
+        real = getattr(torch.ops.visioncoach, name)
+        monkeypatch.setattr(batched.torch.ops.visioncoach, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a), raising=False)
+    scored([out(claim("dog", [DOG], 2.0))], [scene({"dog": [DOG]})])
+    assert calls == ["temporal_reward_cpu", "spatial_reward_cpu"]
+    monkeypatch.undo()
+    one = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="rollout_record holds 5"):
+        torch.ops.visioncoach.temporal_reward_cpu(
+            one, torch.zeros(1, dtype=torch.int64), torch.tensor([5]), torch.zeros(1, 1),
+            torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.bool), 1, 1.0)
+    with pytest.raises(RuntimeError, match="times must be Float"):
+        torch.ops.visioncoach.temporal_reward_cpu(
+            one.double(), torch.zeros(1, dtype=torch.int64), torch.tensor([0]), torch.zeros(1, 1),
+            torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.bool), 1, 1.0)
+
+
+# Run in a child process: with an extension that lacks these checks the calls read far out
+# of bounds, which would take the whole test session down instead of failing this test.
+_SPATIAL_BAD_FRAME_OF = """
+import torch, visioncoach.ops
+i = torch.int64
+box = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
+def call(frame_of):
+    return torch.ops.visioncoach.spatial_reward_cpu(
+        torch.zeros(1), torch.zeros(1, dtype=i), torch.zeros(1, dtype=i), box, torch.ones(1, dtype=i),
+        torch.zeros(1, dtype=i), frame_of, torch.zeros(1), box, torch.zeros(1, 1, dtype=i),
+        torch.zeros(1, 1, dtype=i), torch.ones(1, dtype=i), torch.ones(1, 1, dtype=torch.bool), 1, 1.0, 0)
+print(call(torch.zeros(1, 1, dtype=i)).tolist())
+for frame_of in (torch.tensor([[1 << 40]]), torch.zeros(1, 0, dtype=i)):
+    try:
+        call(frame_of)
+    except RuntimeError as exc:
+        print(str(exc).splitlines()[0])
+"""
+
+
+@pytest.mark.skipif(not batched._NATIVE_REWARDS, reason="visioncoach._C lacks the reward loops")
+def test_native_spatial_loop_checks_every_frame_index():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SPATIAL_BAD_FRAME_OF], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[1.0]"
+    assert "frame_of holds 1099511627776, outside [0, 1)" in lines[1]
+    assert "frame_of has no key-frame slot" in lines[2]
+
+
+def test_convert_many_does_not_warn_where_convert_raises():
+    # A box coordinate times the frame width overflows float64: validate's ValueError, and no
+    # numpy overflow warning on the way (which -W error would raise in its place).
+    import warnings
+
+    sample = rec("visual QA", "x", frame=(1e30, 10), key_frames=[{"idx": 0, "time": 1}],
+                 key_items={"0": {"dog": [[1e300, 0, 1, 1]]}})
+    with pytest.raises(ValueError) as want:
+        convert(sample, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as got:
+            convert_many([sample], [7])
+    assert str(got.value) == str(want.value)
+
+
+def _set_first(sample, field, fn):
+    """Apply fn to the first box / key frame / segment list of ``sample`` where it has one."""
+    if field == "box":
+        for objects in (sample.get("key_items") or {}).values():
+            for boxes in objects.values():
+                if boxes:
+                    boxes[0] = fn(boxes[0])
+                    return
+    elif field == "frame" and sample.get("key_frames"):
+        sample["key_frames"][0] = fn(dict(sample["key_frames"][0]))
+    elif field == "segments" and sample.get("segments"):
+        sample["segments"] = fn(sample["segments"])
+    elif field in ("frame_size", "image_size", "key_items", "key_frames", "task", "answer"):
+        sample[field] = fn(sample.get(field))
+
+
+# Forms convert takes (subclasses, tuples, big ints, -0.0) and forms it rejects, each in the
+# place it can go: convert_many must agree on every one (same Record, or the same error).
+MUTATIONS = [
+    ("frame_size", lambda v: [True, v[1]]), ("frame_size", lambda v: [np.float64(v[0]), v[1]]),
+    ("frame_size", lambda v: (float(v[0]), v[1])), ("frame_size", lambda v: [10 ** 400, v[1]]),
+    ("frame_size", lambda v: [v[0], float("nan")]), ("frame_size", lambda v: [v[0], -1]),
+    ("frame_size", lambda v: [v[0], 1e39]), ("frame_size", lambda v: [2 ** 60 + 1, v[1]]),
+    ("image_size", lambda v: [0, 5]), ("image_size", lambda v: [np.int64(640), 480]),
+    ("image_size", lambda v: None), ("task", lambda v: "video QA"), ("answer", lambda v: 3),
+    ("frame", lambda f: {**f, "time": np.float32(1.5)}), ("frame", lambda f: {**f, "time": True}),
+    ("frame", lambda f: {**f, "time": "2"}), ("frame", lambda f: {**f, "time": float("inf")}),
+    ("frame", lambda f: {**f, "time": 1e39}), ("frame", lambda f: {**f, "time": 10 ** 400}),
+    ("frame", lambda f: {**f, "time": 2 ** 70 + 1}), ("frame", lambda f: {**f, "time": -0.0}),
+    ("frame", lambda f: {**f, "idx": True}), ("frame", lambda f: {**f, "idx": np.int64(0)}),
+    ("frame", lambda f: {"idx": f["idx"]}), ("frame", lambda f: MappingProxyType(f)),
+    ("frame", lambda f: OrderedDict(f)),
+    ("box", lambda b: [np.float64(b[0]), *b[1:]]), ("box", lambda b: [True, *b[1:]]),
+    ("box", lambda b: [1e308, *b[1:]]), ("box", lambda b: [-0.0, *b[1:]]),
+    ("box", lambda b: [10 ** 400, *b[1:]]), ("box", lambda b: ["1", *b[1:]]),
+    ("box", lambda b: tuple(b)), ("box", lambda b: b[:3]), ("box", lambda b: [2 ** 60 + 1, *b[1:]]),
+    ("box", lambda b: [b[2], b[3], b[0], b[1]]), ("box", lambda b: [float("nan"), *b[1:]]),
+    ("key_items", lambda v: OrderedDict(v or {})), ("key_items", lambda v: [1]),
+    ("key_items", lambda v: {**(v or {}), "0": {"dog": []}}),
+    ("key_items", lambda v: {**(v or {}), 0: {"dog": [[0, 0, 1, 1]]}}),
+    ("key_items", lambda v: {**(v or {}), "99": {"dog": [[0, 0, 1, 1e39]]}}),
+    ("key_frames", lambda v: tuple(v or ())), ("key_frames", lambda v: {"idx": 0}),
+    ("segments", lambda v: [[1, True]]), ("segments", lambda v: [(np.float64(1), 2)]),
+    ("segments", lambda v: tuple(map(tuple, v))), ("segments", lambda v: [[5, 1]]),
+    ("segments", lambda v: [[1, 2, 3]]), ("segments", lambda v: [[1e39, 2]]),
+]
+
+
+@settings(max_examples=N_EXAMPLES * 2, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(records(), min_size=1, max_size=4), st.lists(
+    st.tuples(st.integers(0, 3), st.sampled_from(range(len(MUTATIONS)))), max_size=2))
+def test_convert_many_equals_convert_on_generated_records(samples, mutations):
+    samples = copy.deepcopy(samples)
+    for which, m in mutations:
+        field, fn = MUTATIONS[m]
+        _set_first(samples[which % len(samples)], field, fn)
+    indices = [3 * i + 1 for i in range(len(samples))]
+    try:
+        expected = [convert(s, i) for s, i in zip(samples, indices)]
+    except ValueError as exc:
+        with pytest.raises(ValueError) as got:
+            convert_many(samples, indices)
+        assert str(got.value) == str(exc)
+        return
+    got = convert_many(samples, indices)
+    # repr too: it tells -0.0 from 0.0, which == does not
+    assert got == expected and repr(got) == repr(expected)
+
+
+def test_convert_many_takes_the_batch_path_on_plain_records(monkeypatch):
+    from visioncoach.rewards import records as records_module
+
+    samples = [scene({"dog": [DOG], "cat": [CAT, DOG]}, segments=[[3, 1]]), rec("visual QA", "[1, 2, 3, 4]"),
+               rec("temporal QA", "[4, 2.5]", key_frames=[{"idx": 1, "time": 2}])]
+    expected = [convert(s, i) for i, s in enumerate(samples)]
+    monkeypatch.setattr(records_module, "convert", lambda s, i: pytest.fail("fell back to convert"))
+    assert convert_many(samples, [0, 1, 2]) == expected
+
+
+# Numbers as answers write them, and ones float32 cannot hold (the match is then skipped).
+ANSWER_NUMBERS = ["1", "2.5", "-3", ".5", "7.", "+4", "0", "250.25", "1" + "0" * 39, "-9" * 20,
+                  "9" * 400, "0." + "0" * 60 + "1"]
+answer_number = st.sampled_from(ANSWER_NUMBERS)
+answer_part = st.one_of(
+    st.lists(answer_number, min_size=1, max_size=5).map(lambda v: "[" + ", ".join(v) + "]"),
+    st.tuples(answer_number, answer_number).map(lambda v: f"<t>{v[0]}</t>s to <t>{v[1]}</t>s"),
+    st.lists(answer_number, min_size=4, max_size=4).map(lambda v: "<box>[" + ",".join(v) + "]</box>"),
+    st.sampled_from(["A", " ", "\n", "x, ", "[", "]", "[1,", "The answer is "]))
+
+
+@settings(max_examples=N_EXAMPLES * 2, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(answer_part, max_size=6).map("".join), max_size=6))
+def test_batched_answer_numbers_equal_first_box_and_first_segment(answers):
+    # r_acc reads every answer's first box / segment in one pass; the reference functions
+    # read one answer at a time (first valid match; one whose numbers overflow float32 skipped).
+    boxes = batched._first_numbers(batched._BOX_IN_TEXT, answers, 4)
+    segments = batched._first_numbers(batched._SEGMENT_IN_TEXT, answers, 2)
+    for a, box, seg in zip(answers, boxes, segments):
+        assert (box and _order_box(*box)) == first_box(a), a
+        assert (seg and tuple(sorted(seg))) == first_segment(a), a
+
+
+def _assert_same_ground_truth(a, b):
+    for k, v in vars(a).items():
+        w = getattr(b, k)
+        if isinstance(v, torch.Tensor):
+            assert v.dtype == w.dtype and v.shape == w.shape and torch.equal(v, w), (k, v, w)
+        else:
+            assert v == w, k
+
+
+@pytest.mark.skipif(batched._pack_native is None, reason="visioncoach._C lacks pack_ground_truth")
+@settings(max_examples=N_EXAMPLES, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(records(), max_size=5))
+def test_native_ground_truth_packing_equals_python(samples):
+    recs = [convert(s, i) for i, s in enumerate(samples)]
+    _assert_same_ground_truth(batched.ground_truth(recs), batched._ground_truth_python(recs))
+
+
+@pytest.mark.skipif(batched._pack_native is None, reason="visioncoach._C lacks pack_ground_truth")
+def test_native_ground_truth_packing_is_used_and_falls_back(monkeypatch):
+    from visioncoach.rewards.records import KeyFrame, Record
+
+    kf = KeyFrame(2, ["Dog ", "dog", "cat"], [[(1, 2, 3, 4)], [[5.5, 6, 7, 8], (0, 0, 1, 1)], []])
+    odd = Record("visual QA", "x", (10.0, 10.0), gt_times=[1, 2.5], segments=[[1, 2]], frames=[kf])
+    recs = [odd, convert(scene({"dog": [DOG], "cat": [CAT, DOG]}), 0), odd]
+    calls = []
+    real = batched._pack_native
+    monkeypatch.setattr(batched, "_pack_native", lambda *a: calls.append(1) or real(*a))
+    _assert_same_ground_truth(batched.ground_truth(recs), batched._ground_truth_python(recs))
+    assert calls == [1]
+    # Layouts the walk refuses: the Python packing decides (the same result, or its error).
+    for bad in (Record("visual QA", "x", (1.0, 1.0), segments=[(1.0, 2.0, 3.0, 4.0)]),
+                Record("visual QA", "x", (1.0, 1.0), frames=[KeyFrame(1.0, ["a"], [[(1, 2, 3)]])]),
+                Record("visual QA", "x", (1.0, 1.0), gt_times=["1"])):
+        try:
+            want = batched._ground_truth_python([bad])
+        except Exception as exc:  # noqa: BLE001 - whatever the Python packing raises
+            with pytest.raises(type(exc)):
+                batched.ground_truth([bad])
+        else:
+            _assert_same_ground_truth(batched.ground_truth([bad]), want)
+
+
 def test_converted_records_are_used_as_is(monkeypatch):
     from visioncoach.rewards import convert
 
@@ -584,7 +850,7 @@ def test_converted_records_are_used_as_is(monkeypatch):
     texts = [out(claim("dog", [DOG], 2.0), "a dog runs"), out("x"), out(claim("cat", [CAT], 2.5), "cat")]
     expected = score(texts, [a, a, b], RewardConfig())
     ra, rb = convert(a, 0), convert(b, 1)
-    monkeypatch.setattr(batched, "convert", lambda s, i: pytest.fail("a Record was converted again"))
+    monkeypatch.setattr(batched, "convert_many", lambda s, i: pytest.fail("a Record was converted again"))
     got = score(texts, [ra, ra, rb], RewardConfig())
     for k in KEYS:
         torch.testing.assert_close(got[k], expected[k], atol=0, rtol=0, msg=k)

@@ -20,6 +20,7 @@ from rouge_score import tokenizers
 
 from visioncoach.rewards import RewardConfig, score, score_reference
 from visioncoach.rewards.reference import rouge
+from visioncoach.rewards import rouge as rouge_module
 from visioncoach.rewards.rouge import _lcs_length, _lcs_lengths, rouge_batch, tokenize
 
 N_EXAMPLES = int(os.environ.get("VISIONCOACH_HYPOTHESIS_EXAMPLES", "150"))
@@ -44,11 +45,13 @@ def reference_batch(predictions, targets):
 
 
 def assert_equal_to_reference(predictions, targets):
-    got = rouge_batch(predictions, targets)
     want = reference_batch(predictions, targets)
-    assert got.dtype == np.float64 and got.shape == (len(predictions),)
-    bad = [(p, t, g, w) for p, t, g, w in zip(predictions, targets, got.tolist(), want) if g != w]
-    assert not bad, bad[:5]
+    # Both counting paths: the C++ op (the default where the extension has it) and numpy.
+    for native in (True, False):
+        got = rouge_batch(predictions, targets, native=native)
+        assert got.dtype == np.float64 and got.shape == (len(predictions),)
+        bad = [(p, t, g, w) for p, t, g, w in zip(predictions, targets, got.tolist(), want) if g != w]
+        assert not bad, (native, bad[:5])
 
 
 @pytest.mark.parametrize("prediction, target", [
@@ -112,6 +115,60 @@ def test_every_counting_layout_equals_rouge_score(monkeypatch, dense_per_gram, k
     preds = [" ".join(rng.choices(WORDS, k=rng.randint(0, 25))) for _ in range(60)] + ["", "a"]
     tgts = [" ".join(rng.choices(WORDS, k=rng.randint(0, 25))) for _ in range(60)] + ["a", ""]
     assert_equal_to_reference(preds, tgts)
+
+
+@pytest.mark.skipif(rouge_module._native_op is None, reason="visioncoach._C lacks rouge_from_ids")
+def test_native_counting_is_the_default_and_equals_numpy_on_long_texts(monkeypatch):
+    """Long sides (the op's LCS runs on many 64-bit words, carries crossing them) against the
+    numpy path, which the tests above hold to rouge_score; and the op is what runs."""
+    rng = random.Random(5)
+    preds, tgts = [], []
+    for _ in range(40):
+        words = WORDS[:rng.choice([1, 3, 20])]
+        preds.append(" ".join(rng.choices(words, k=rng.choice([0, 1, 63, 64, 65, 128, 200, 1500]))))
+        tgts.append(" ".join(rng.choices(words, k=rng.choice([0, 2, 64, 129, 700, 2100]))))
+    assert rouge_batch(preds, tgts).tolist() == rouge_batch(preds, tgts, native=False).tolist()
+    calls = []
+    real = rouge_module._native_op
+    monkeypatch.setattr(rouge_module, "_native_op", lambda *a: calls.append(1) or real(*a))
+    rouge_batch(["a cat"], ["the cat"])
+    assert calls == [1]
+
+
+def test_native_counting_checks_its_input():
+    if rouge_module._native_op is None:
+        pytest.skip("visioncoach._C lacks rouge_from_ids")
+    ids = torch.tensor([1, 2], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="the lengths sum to 3 and 2"):
+        rouge_module._native_op(ids, torch.tensor([3]), ids, torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="pred_ids must be Long"):
+        rouge_module._native_op(ids.int(), torch.tensor([2]), ids, torch.tensor([2]))
+
+
+# In a child process: without the check the op walks its reads far past the id lists (a
+# crash, not a failure).
+_WRAPPING_LENGTHS = """
+import torch, visioncoach.ops
+ids = torch.tensor([1, 2])
+big = 1 << 62
+try:
+    torch.ops.visioncoach.rouge_from_ids(ids, torch.tensor([big, big, big, big, 2]), ids,
+                                         torch.tensor([0, 0, 0, 0, 2]))
+except RuntimeError as exc:
+    print(str(exc).splitlines()[0])
+"""
+
+
+def test_native_counting_rejects_lengths_whose_sum_wraps():
+    if rouge_module._native_op is None:
+        pytest.skip("visioncoach._C lacks rouge_from_ids")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WRAPPING_LENGTHS], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the lengths overflow int64 at pair 1" in done.stdout
 
 
 def test_bad_input_names_what_is_wrong():

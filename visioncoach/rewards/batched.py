@@ -29,8 +29,14 @@ reference. A float32 kernel agrees to ~1e-6 except at exact ties of those compar
 from __future__ import annotations
 
 import array
+import math
+import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
+
+import numpy as np
 
 import torch
 
@@ -39,13 +45,13 @@ from visioncoach.kernels.claim_iou import claim_iou, pairwise_iou  # the one IoU
 from visioncoach.kernels.temporal_reward import temporal_point_reward
 
 from visioncoach.config import RewardConfig
-from visioncoach.grounding import (BACKENDS, ClaimBatch, answer_letter, first_box, first_segment,
-                                   normalize_name, parse_texts)
+# _BOX_IN_TEXT / _SEGMENT_IN_TEXT: the patterns of first_box / first_segment (one definition)
+from visioncoach.grounding import (_BOX_IN_TEXT, _SEGMENT_IN_TEXT, BACKENDS, ClaimBatch,
+                                   answer_letter, normalize_name, parse_texts)
 from visioncoach.rewards.components import ACCURACY, FORMAT, SPATIAL, TEMPORAL, TOTAL
 from visioncoach.rewards.records import (FREE_FORM_TASKS, MCQ_TASKS, TEMPORAL_SPATIAL_TASK,
-                                         Record, convert)
-from visioncoach.rewards.reference import (box_iou, check_config, identity_match, segment_iou,
-                                           sigma_at)
+                                         Record, convert_many)
+from visioncoach.rewards.reference import check_config, identity_match, sigma_at
 from visioncoach.rewards.rouge import rouge_batch
 
 try:
@@ -60,6 +66,16 @@ __all__ = ["score", "GroundTruth", "ground_truth", "convert_records", "temporal_
 # extension has it, else the Python parser; "native" / "python" force one. The identity
 # matrix follows the same choice.
 FRONTEND = "auto"
+
+try:  # csrc/gt_pack.cpp (absent from an extension built before it)
+    from visioncoach._C import pack_ground_truth as _pack_native
+except ImportError:
+    _pack_native = None
+
+# The C++ CPU loops for the temporal and spatial rewards (csrc/rewards.cpp); an extension
+# built before they existed lacks them, and the tensor-op paths run instead.
+_NATIVE_REWARDS = ops is not None and hasattr(torch.ops.visioncoach, "spatial_reward_cpu")
+_SPATIAL_MODE_CODES = {"object_aware": 0, "max": 1, "avg": 2}
 
 # Bound on claim boxes x GT boxes per IoU block (elements), so 100 kB of claims cannot
 # allocate gigabytes.
@@ -109,69 +125,80 @@ def _tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(array.array(_ARRAY_TYPECODES[dtype], values), dtype=dtype)
 
 
-def _rows(values: torch.Tensor, counts: torch.Tensor, width: int, fill) -> torch.Tensor:
+def _rows(values: np.ndarray, counts: np.ndarray, width: int, fill) -> torch.Tensor:
     """Padded rows [R, width, ...] from flat ``values`` [sum(counts), ...]: row r holds the
-    next counts[r] values (in order), then ``fill``."""
-    out = torch.full((counts.numel(), width, *values.shape[1:]), fill, dtype=values.dtype)
-    if values.shape[0]:
-        row = torch.repeat_interleave(torch.arange(counts.numel()), counts)     # [L]
-        col = torch.arange(values.shape[0]) - (torch.cumsum(counts, 0) - counts)[row]
-        out[row, col] = values
-    return out
+    next counts[r] values (in order), then ``fill``. (numpy: a few us per op where torch
+    pays ~10 us, and this runs on small arrays.)"""
+    out = np.full((counts.size, width, *values.shape[1:]), fill, dtype=values.dtype)
+    # A boolean mask assigns in row-major order: row r's first counts[r] slots, in turn.
+    out[np.arange(width) < counts[:, None]] = values
+    return torch.from_numpy(out)
 
 
-def ground_truth(records: Sequence[Record], device: torch.device | str = "cpu") -> GroundTruth:
-    """Pack converted records: one Python pass gathers flat lists, tensor ops pad them."""
-    raw_ids: dict[str, int] = {}     # name as written -> id: normalize each distinct name once
-    name_ids: dict[str, int] = {}    # normalized name -> id
-    times: list[float] = []
-    segments: list[float] = []       # s, e, s, e, ...
-    n_times, n_segments, n_frames = [], [], []
-    frame_time: list[float] = []
-    obj_count: list[int] = []
-    obj_name: list[int] = []
-    boxes: list[float] = []          # x1, y1, x2, y2, x1, ...
-    box_obj: list[int] = []
-    n_boxes: list[int] = []
-    for rec in records:
-        times += rec.gt_times
-        n_times.append(len(rec.gt_times))
-        for seg in rec.segments:
-            segments += seg
-        n_segments.append(len(rec.segments))
-        n_frames.append(len(rec.frames))
-        for kf in rec.frames:
-            frame_time.append(kf.time)
-            obj_count.append(len(kf.names))
-            for name in kf.names:
-                i = raw_ids.get(name)
-                if i is None:
-                    i = raw_ids[name] = name_ids.setdefault(normalize_name(name), len(name_ids))
-                obj_name.append(i)
-            n = len(box_obj)
-            for slot, obj_boxes in enumerate(kf.boxes):
-                for box in obj_boxes:
-                    boxes += box
-                box_obj += [slot] * len(obj_boxes)
-            n_boxes.append(len(box_obj) - n)
-    i64, f32 = torch.int64, torch.float32
-    n_times_t, n_segments_t, n_frames_t, n_boxes_t, obj_count_t = (
-        _tensor(c, i64) for c in (n_times, n_segments, n_frames, n_boxes, obj_count))
+def ground_truth(records: Sequence[Record], device: torch.device | str = "cpu",
+                 native: bool = True) -> GroundTruth:
+    """Pack converted records. ``native``: by the C++ walk ``visioncoach._C.pack_ground_truth``
+    (csrc/gt_pack.cpp) where the extension has it, falling back to the Python packing below
+    (its specification) for records it does not take."""
+    if native and _pack_native is not None:
+        try:
+            *tensors, names = _pack_native(records, normalize_name)
+        except (TypeError, ValueError, AttributeError, OverflowError):
+            pass                         # not the Record layout it expects: pack in Python
+        else:
+            gt = GroundTruth(*tensors, names=list(names))
+            if torch.device(device).type == "cpu":
+                return gt
+            return GroundTruth(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                  for k, v in vars(gt).items()})
+    return _ground_truth_python(records, device)
+
+
+def _ground_truth_python(records: Sequence[Record], device: torch.device | str = "cpu") -> GroundTruth:
+    """Pack converted records: flat lists gathered by C-level iteration (chain, map), then
+    padded by numpy; no Python loop per frame, object or box."""
+    flatten = chain.from_iterable
+    n_times = np.fromiter(map(len, (r.gt_times for r in records)), np.int64, len(records))
+    n_segments = np.fromiter(map(len, (r.segments for r in records)), np.int64, len(records))
+    n_frames = np.fromiter(map(len, (r.frames for r in records)), np.int64, len(records))
+    frames = list(flatten(r.frames for r in records))
+    k = len(frames)
+    obj_count = np.fromiter(map(len, (kf.names for kf in frames)), np.int64, k)
+    raw_names = list(flatten(kf.names for kf in frames))                  # [objects]
+    # Each distinct name as written is normalized once; ids follow first appearance.
+    name_ids: dict[str, int] = {}
+    raw_ids = {raw: name_ids.setdefault(normalize_name(raw), len(name_ids))
+               for raw in dict.fromkeys(raw_names)}
+    obj_boxes = list(flatten(kf.boxes for kf in frames))                   # [objects] box lists
+    n_obj = len(obj_boxes)
+    per_obj = np.fromiter(map(len, obj_boxes), np.int64, n_obj)            # boxes per object
+    # Slot of each object within its frame, repeated over the object's boxes.
+    first_obj = np.cumsum(obj_count) - obj_count
+    slot = np.arange(n_obj, dtype=np.int64) - np.repeat(first_obj, obj_count)
+    box_obj = np.repeat(slot, per_obj)
+    box_end = np.concatenate([[0], np.cumsum(per_obj)])                  # frames' objects are
+    n_boxes = box_end[first_obj + obj_count] - box_end[first_obj]          # contiguous
+    times = np.fromiter(flatten(r.gt_times for r in records), np.float32)
+    segments = np.fromiter(flatten(flatten(r.segments for r in records)), np.float32).reshape(-1, 2)
+    boxes = np.fromiter(flatten(flatten(obj_boxes)), np.float32).reshape(-1, 4)
+
     t_max, s_max, k_max, p_max, o_max = (
-        max(c, default=0) or 1 for c in (n_times, n_segments, n_frames, n_boxes, obj_count))
-    first_frame = torch.cumsum(n_frames_t, 0) - n_frames_t                  # [R]
-    slots = torch.arange(k_max)
+        int(c.max(initial=0)) or 1 for c in (n_times, n_segments, n_frames, n_boxes, obj_count))
+    first_frame = np.cumsum(n_frames) - n_frames                           # [R]
+    slots = np.arange(k_max)
+    frame_of = np.where(slots < n_frames[:, None], first_frame[:, None] + slots, -1)
     gt = GroundTruth(
-        times=_rows(_tensor(times, f32), n_times_t, t_max, 0.0),
-        time_mask=torch.arange(t_max) < n_times_t[:, None],
-        segments=_rows(_tensor(segments, f32).reshape(-1, 2), n_segments_t, s_max, 0.0),
-        seg_mask=torch.arange(s_max) < n_segments_t[:, None],
-        frame_of=torch.where(slots < n_frames_t[:, None], first_frame[:, None] + slots, -1),
-        frame_time=_tensor(frame_time, f32),
-        frame_boxes=_rows(_tensor(boxes, f32).reshape(-1, 4), n_boxes_t, p_max, 0.0),
-        box_obj=_rows(_tensor(box_obj, i64), n_boxes_t, p_max, -1),
-        obj_name=_rows(_tensor(obj_name, i64), obj_count_t, o_max, -1),
-        obj_count=obj_count_t,
+        times=_rows(times, n_times, t_max, 0.0),
+        time_mask=torch.from_numpy(np.arange(t_max) < n_times[:, None]),
+        segments=_rows(segments, n_segments, s_max, 0.0),
+        seg_mask=torch.from_numpy(np.arange(s_max) < n_segments[:, None]),
+        frame_of=torch.from_numpy(frame_of),
+        frame_time=torch.from_numpy(np.fromiter((kf.time for kf in frames), np.float32, k)),
+        frame_boxes=_rows(boxes, n_boxes, p_max, 0.0),
+        box_obj=_rows(box_obj, n_boxes, p_max, -1),
+        obj_name=_rows(np.fromiter(map(raw_ids.__getitem__, raw_names), np.int64, n_obj),
+                       obj_count, o_max, -1),
+        obj_count=torch.from_numpy(obj_count),
         names=list(name_ids),
     )
     if torch.device(device).type == "cpu":
@@ -183,16 +210,25 @@ def ground_truth(records: Sequence[Record], device: torch.device | str = "cpu") 
 def convert_records(samples: Sequence[Mapping | Record]) -> tuple[list[Record], list[int]]:
     """Distinct records (by object identity: the G rollouts of a prompt share one) and, for
     each sample, the index of its record. A ``Record`` (already validated and converted by
-    ``records.convert``, as the data loader does once per record) is used as is."""
+    ``records.convert``, as the data loader does once per record) is used as is; the dicts
+    are converted together by ``records.convert_many``."""
     seen: dict[int, int] = {}
-    records: list[Record] = []
+    records: list[Record | None] = []
     index: list[int] = []
+    todo: list[int] = []                 # samples (by index) to convert, in order
     for i, s in enumerate(samples):
         k = id(s)
         if k not in seen:
             seen[k] = len(records)
-            records.append(s if isinstance(s, Record) else convert(s, i))
+            if isinstance(s, Record):
+                records.append(s)
+            else:
+                records.append(None)
+                todo.append(i)
         index.append(seen[k])
+    if todo:
+        converted = iter(convert_many([samples[i] for i in todo], todo))
+        records = [next(converted) if r is None else r for r in records]
     return records, index
 
 
@@ -204,14 +240,23 @@ def _segment_mean(values: torch.Tensor, seg: torch.Tensor, weight: torch.Tensor,
 
 
 def temporal_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tensor, sigma: float,
-                     dtype: torch.dtype = torch.float64, backend: str = "auto") -> torch.Tensor:
+                     dtype: torch.dtype = torch.float64, backend: str = "auto",
+                     native: bool = True) -> torch.Tensor:
     """r_tmp per rollout [N] (eqs. 5-6), see ``reference.temporal_reward``. ``backend``:
     ``triton`` computes the per-time terms with ``kernels.temporal_point_reward`` (float32;
-    ``auto`` = on CUDA tensors), ``torch`` with the tensor ops below in ``dtype``."""
+    ``auto`` = on CUDA tensors), ``torch`` with the tensor ops below in ``dtype``; on CPU
+    tensors, the same float64 arithmetic in one loop of the C++ op ``temporal_reward_cpu``
+    (csrc/rewards.cpp) when the extension has it, unless ``native`` is False (the op is
+    ~10x faster there: each tensor op below pays ~10 us of dispatch for little work)."""
     n = cb.n_rollouts
     if cb.times.numel() == 0:
         return torch.zeros(n, dtype=dtype, device=cb.times.device)
-    if resolve_backend(backend, cb.times) == "triton":
+    resolved = resolve_backend(backend, cb.times)
+    if resolved == "torch" and native and _NATIVE_REWARDS and cb.times.device.type == "cpu":
+        return torch.ops.visioncoach.temporal_reward_cpu(
+            cb.times, cb.time_rollout, rollout_record, gt.times, gt.time_mask, gt.segments,
+            gt.seg_mask, n, sigma).to(dtype)
+    if resolved == "triton":
         r_m = temporal_point_reward(cb.times, rollout_record.index_select(0, cb.time_rollout),
                                     gt.times, gt.time_mask, gt.segments, gt.seg_mask, sigma,
                                     backend="triton").to(dtype)                      # [M]
@@ -249,19 +294,34 @@ def _name_match(pred_ids: torch.Tensor, gt_ids: torch.Tensor, pred_names: list[s
 
 def spatial_rewards(cb: ClaimBatch, gt: GroundTruth, rollout_record: torch.Tensor, tau: float,
                     mode: str, identity: str, dtype: torch.dtype = torch.float64,
-                    native_identity: bool = False, backend: str = "auto") -> torch.Tensor:
+                    native_identity: bool = False, backend: str = "auto",
+                    native: bool = True) -> torch.Tensor:
     """r_spa per rollout [N]: object_aware (eqs. 7-8, 15), max (eq. 13) or avg (eq. 14); see
     ``reference.spatial_reward`` for the definitions. ``native_identity``: I(o_m, o) from the
     C++ op instead of Python string compares. ``backend``: ``triton`` takes the nearest key
     frame and the IoU maxima from one ``kernels.claim_iou`` launch (float32; ``auto`` = on
-    CUDA tensors), ``torch`` computes them with the blocked tensor ops below in ``dtype``."""
+    CUDA tensors), ``torch`` computes them with the blocked tensor ops below in ``dtype``; on
+    CPU tensors, when the identity matrix comes from the C++ op (``native_identity``, or
+    ``identity="none"``), the same float64 arithmetic in one loop of the C++ op
+    ``spatial_reward_cpu`` (csrc/rewards.cpp) unless ``native`` is False."""
     n = cb.n_rollouts
     device = cb.claim_t.device
     n_claims = cb.claim_t.numel()
     if n_claims == 0 or gt.frame_time.numel() == 0:
         return torch.zeros(n, dtype=dtype, device=device)
     o_max = gt.obj_name.shape[1]
-    if resolve_backend(backend, cb.claim_t) == "triton":
+    resolved = resolve_backend(backend, cb.claim_t)
+    if (resolved == "torch" and native and _NATIVE_REWARDS and device.type == "cpu"
+            and (native_identity or identity == "none" or mode != "object_aware")):
+        if mode == "object_aware" and identity != "none":
+            match = ops.identity_match(cb.names, gt.names, identity)          # [U, G]
+        else:  # read only by object_aware, where "none" matches every pair
+            match = torch.ones(len(cb.names), len(gt.names), dtype=torch.bool)
+        return torch.ops.visioncoach.spatial_reward_cpu(
+            cb.claim_t, cb.claim_rollout, rollout_record, cb.boxes, cb.box_count, cb.claim_obj,
+            gt.frame_of, gt.frame_time, gt.frame_boxes, gt.box_obj, gt.obj_name, gt.obj_count,
+            match, n, tau, _SPATIAL_MODE_CODES[mode]).to(dtype)
+    if resolved == "triton":
         q = rollout_record.index_select(0, cb.claim_rollout)             # [C]
         ci = claim_iou(cb.claim_t, q, cb.boxes, cb.box_count, gt.frame_of, gt.frame_time,
                        gt.frame_boxes, gt.box_obj, gt.obj_count, o_max, backend="triton")
@@ -338,41 +398,119 @@ def _claim_scores(cb: ClaimBatch, gt: GroundTruth, frame: torch.Tensor, gate: to
                          cb.claim_rollout, torch.ones_like(claim_score), n)
 
 
+def _first_numbers(pattern: re.Pattern, texts: list[str], k: int) -> list[tuple[float, ...] | None]:
+    """For each text, the numbers of the first match of ``pattern`` (``grounding``'s box or
+    segment pattern) whose ``k`` numbers are all finite in float32, as ``first_box`` /
+    ``first_segment`` read them (unordered: the IoUs order the ends themselves), else None.
+    One ``findall`` per text and one float32 rounding of all numbers together, instead of a
+    Python function call per text and a ``to_f32`` call per number."""
+    found = list(map(pattern.findall, texts))
+    owner, groups = [], []
+    for i, matches in enumerate(found):
+        for g in matches:
+            owner.append(i)
+            # The segment pattern's second form fills groups 3-4; a group that did not take
+            # part is "" (a number always has a digit).
+            groups += g[:k] if g[0] else g[k:2 * k]
+    out: list[tuple[float, ...] | None] = [None] * len(texts)
+    if not owner:
+        return out
+    # Usually every number is a finite float32: struct rounds them all in one call (the "f"
+    # format rounds as to_f32 does, raising where that gives None) and the first match of
+    # each text is its answer. Otherwise numpy sorts out which matches count.
+    try:
+        f32 = struct.unpack(f"<{len(groups)}f", struct.pack(f"<{len(groups)}f", *map(float, groups)))
+    except OverflowError:
+        f32 = None
+    if f32 is not None and all(map(math.isfinite, f32)):
+        for j in range(len(owner) - 1, -1, -1):      # backwards: the first match wins
+            out[owner[j]] = f32[k * j:k * j + k]
+        return out
+    with np.errstate(over="ignore"):
+        nums = np.fromiter(map(float, groups), np.float64, len(groups)).astype(np.float32).reshape(-1, k)
+    ok = np.isfinite(nums).all(1)
+    owner_np = np.array(owner)[ok]
+    # matches are in text order, so the first of each owner is the first valid match
+    _, first = np.unique(owner_np, return_index=True)
+    rows = np.flatnonzero(ok)[first]
+    for i, v in zip(owner_np[first].tolist(), nums[rows].astype(np.float64).tolist()):
+        out[i] = tuple(v)
+    return out
+
+
+def _box_ious(preds: list, truths: list) -> np.ndarray:
+    """``reference.box_iou`` of each (pred, truth) pair, the same float64 operations."""
+    a, b = np.array(preds, dtype=np.float64).reshape(-1, 4), np.array(truths, dtype=np.float64).reshape(-1, 4)
+    # reversed corners swapped: [x1, y1] the minima, [x2, y2] the maxima of each pair
+    a_lo, a_hi = np.minimum(a[:, :2], a[:, 2:]), np.maximum(a[:, :2], a[:, 2:])
+    b_lo, b_hi = np.minimum(b[:, :2], b[:, 2:]), np.maximum(b[:, :2], b[:, 2:])
+    wh_a, wh_b = a_hi - a_lo, b_hi - b_lo                         # [n, 2] widths, heights
+    inter_wh = np.maximum(0.0, np.minimum(a_hi, b_hi) - np.maximum(a_lo, b_lo))
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    union = wh_a[:, 0] * wh_a[:, 1] + wh_b[:, 0] * wh_b[:, 1] - inter
+    ok = (wh_a > 0).all(1) & (wh_b > 0).all(1) & (union > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, np.minimum(1.0, inter / union), 0.0)
+
+
 def _accuracy(answers: Sequence[str | None], records: Sequence[Record], index: Sequence[int]) -> list[float]:
     """r_acc per text. It is a function of (answer, record), and the G rollouts of a prompt
-    often answer alike, so each distinct pair is scored once (ROUGE: each distinct (answer,
-    ground-truth answer), across records, all in one ``rouge_batch`` call)."""
-    cache: dict[tuple[str, int], float] = {}
-    rouge_pairs = list(dict.fromkeys(
-        (answer, records[r].answer) for answer, r in zip(answers, index)
-        if answer is not None and records[r].task in FREE_FORM_TASKS))
-    rouge_cache = dict(zip(rouge_pairs, rouge_batch([a for a, _ in rouge_pairs],
+    often answer alike, so each distinct pair is scored once: ROUGE for each distinct (answer,
+    ground-truth answer) across records in one ``rouge_batch`` call, the answers' numbers read
+    and the temporal and box IoUs of all pairs computed together (per pair, Python function
+    calls cost more than the parsing of a whole batch)."""
+    value: dict[tuple[str | None, int], float] = {}
+    task_of = [r.task for r in records]
+    by_task: dict[str, list[tuple[str, int]]] = {task: [] for task in set(task_of)}
+    for key in dict.fromkeys(zip(answers, index)):
+        if key[0] is not None:          # no answer block: 0
+            by_task[task_of[key[1]]].append(key)
+
+    free = [key for task in FREE_FORM_TASKS for key in by_task.pop(task, ())]
+    rouge_pairs = list(dict.fromkeys((a, records[r].answer) for a, r in free))
+    rouge_value = dict(zip(rouge_pairs, rouge_batch([a for a, _ in rouge_pairs],
                                                     [t for _, t in rouge_pairs]).tolist()))
-    out = []
-    for answer, r in zip(answers, index):
-        if answer is None:
-            out.append(0.0)
-            continue
-        value = cache.get((answer, r))
-        if value is None:
-            rec = records[r]
-            value = 0.0
-            if rec.task in MCQ_TASKS:
-                letter = answer_letter(answer)
-                value = 1.0 if letter is not None and letter == rec.gt_letter else 0.0
-            elif rec.task in FREE_FORM_TASKS:
-                value = rouge_cache[(answer, rec.answer)]
-            elif rec.task == "temporal QA":
-                pred = first_segment(answer)
-                if pred is not None and rec.segments:
-                    value = max(segment_iou(pred, s) for s in rec.segments)
-            elif rec.task == "visual QA":
-                pred = first_box(answer)
-                if pred is not None and rec.gt_box is not None:
-                    value = box_iou(pred, rec.gt_box)
-            cache[(answer, r)] = value
-        out.append(value)
-    return out
+    for a, r in free:
+        value[(a, r)] = rouge_value[(a, records[r].answer)]
+
+    for task in MCQ_TASKS:
+        keys = by_task.pop(task, ())
+        letters = {a: answer_letter(a) for a in {a for a, _ in keys}}
+        gt_letter = [r.gt_letter for r in records]
+        value.update({(a, r): 1.0 if letters[a] is not None and letters[a] == gt_letter[r] else 0.0
+                      for a, r in keys})
+
+    # temporal QA (the first answered segment against each of the record's segments) and
+    # visual QA (the first answered box against the record's box) in one ``_box_ious`` call:
+    # a segment [s, e] is the box (s, 0, e, 1), whose IoU is exactly segment_iou's (widths and
+    # overlap times 1, the same float64 values; zero length gives 0 on both sides).
+    owners: list[tuple[str, int]] = []                 # (answer, record) of each IoU row
+    preds: list = []
+    truths: list = []
+    keys = [(a, r) for a, r in by_task.pop("temporal QA", ()) if records[r].segments]
+    for key, seg in zip(keys, _first_numbers(_SEGMENT_IN_TEXT, [a for a, _ in keys], 2)):
+        if seg is not None:
+            for s, e in records[key[1]].segments:
+                owners.append(key)
+                preds.append((seg[0], 0.0, seg[1], 1.0))
+                truths.append((s, 0.0, e, 1.0))
+    keys = [(a, r) for a, r in by_task.pop("visual QA", ()) if records[r].gt_box is not None]
+    for key, box in zip(keys, _first_numbers(_BOX_IN_TEXT, [a for a, _ in keys], 4)):
+        if box is not None:
+            owners.append(key)
+            preds.append(box)
+            truths.append(records[key[1]].gt_box)
+    if owners:
+        ious = _box_ious(preds, truths).tolist()
+        if len(set(owners)) == len(owners):
+            value.update(zip(owners, ious))
+        else:                   # a record with several segments: the best of its rows
+            for key, v in zip(owners, ious):
+                value[key] = max(value.get(key, 0.0), v)
+
+    for keys in by_task.values():       # no ground truth to score against, or any other task
+        value.update(dict.fromkeys(keys, 0.0))
+    return [value.get(key, 0.0) for key in zip(answers, index)]
 
 
 def score(texts: Sequence[str], samples: Sequence[Mapping | Record], cfg: RewardConfig,
@@ -391,9 +529,9 @@ def score(texts: Sequence[str], samples: Sequence[Mapping | Record], cfg: Reward
         raise ValueError(f"frontend must be one of {BACKENDS}, got {frontend!r}")
     if len(texts) != len(samples):
         raise ValueError(f"{len(texts)} texts but {len(samples)} samples")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"text {i} must be a str, got {type(t).__name__}")
+    if not all(map(isinstance, texts, repeat(str))):
+        i, t = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
+        raise TypeError(f"text {i} must be a str, got {type(t).__name__}")
     records, index = convert_records(samples)
     sigma = sigma_at(progress, cfg.sigma)
     check_config(cfg, sigma)
@@ -403,11 +541,12 @@ def score(texts: Sequence[str], samples: Sequence[Mapping | Record], cfg: Reward
     n = len(texts)
     rollout_record = _tensor(index, torch.int64)                            # [N]
     acc = _tensor(_accuracy(batch.answers(), records, index), torch.float32)
-    # r_fmt: well-formed, and the temporal-spatial task also needs a claim.
-    needs_claim = torch.tensor([r.task == TEMPORAL_SPATIAL_TASK for r in records],
-                               dtype=torch.bool).reshape(-1)[rollout_record]    # [N]
-    has_claim = torch.bincount(batch.claims.claim_rollout, minlength=n) > 0  # [N]
-    fmt = ((batch.n_errors == 0) & (has_claim | ~needs_claim)).to(torch.float32)
+    # r_fmt: well-formed, and the temporal-spatial task also needs a claim. (numpy: these
+    # are a few small CPU arrays, where a torch op's dispatch costs more than its work.)
+    needs_claim = np.fromiter((r.task == TEMPORAL_SPATIAL_TASK for r in records), np.bool_,
+                              len(records))[rollout_record.numpy()]          # [N]
+    has_claim = np.bincount(batch.claims.claim_rollout.numpy(), minlength=n) > 0  # [N]
+    fmt = torch.from_numpy(((batch.n_errors.numpy() == 0) & (has_claim | ~needs_claim)).astype(np.float32))
     cb = batch.claims.to(device)
     gt = ground_truth(records, device)
     rollout_record = rollout_record.to(device)

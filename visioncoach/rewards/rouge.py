@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
+import torch
 
 __all__ = ["rouge_batch", "tokenize"]
 
@@ -55,6 +56,12 @@ _WORD_PATH_MAX_LONG = 1024
 # (pair, bigram) keys are pair * vocab**2 + a * vocab + b while they stay below this.
 _KEY_LIMIT = 1 << 62
 _stemmer = None
+
+try:  # csrc/rewards.cpp; absent where the extension is not built (or built before it)
+    from visioncoach import ops as _ops  # noqa: F401  (loads _C)
+    _native_op = torch.ops.visioncoach.rouge_from_ids
+except (ImportError, AttributeError, RuntimeError):
+    _native_op = None
 
 
 def _final_token(raw: str) -> str | None:
@@ -203,17 +210,21 @@ def _fmeasure(hits: np.ndarray, pred_count: np.ndarray, tgt_count: np.ndarray) -
     return np.where(denom > 0, f, 0.0)
 
 
-def rouge_batch(predictions: Sequence[str], targets: Sequence[str]) -> np.ndarray:
+def rouge_batch(predictions: Sequence[str], targets: Sequence[str], *, native: bool = True) -> np.ndarray:
     """[N] float64: ``reference.rouge(predictions[i], targets[i])`` for every i, bit for bit.
 
-    Each distinct text is tokenized once; N = 0 gives an empty array.
+    Each distinct text is tokenized once; N = 0 gives an empty array. The counting (n-gram
+    overlaps, LCS, F-measures) runs in the C++ op ``rouge_from_ids`` (csrc/rewards.cpp) when
+    the extension has it and ``native`` is True, else in the numpy code below: the same
+    integers and the same float64 operations, so the same results (the op is ~10x faster
+    than the ~40 numpy calls, which dominate at a few hundred short pairs).
     """
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
     for name, texts in (("prediction", predictions), ("target", targets)):
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"{name} {i} must be a str, got {type(t).__name__}")
+        if not all(map(isinstance, texts, repeat(str))):
+            i, t = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
+            raise TypeError(f"{name} {i} must be a str, got {type(t).__name__}")
     n = len(predictions)
     if n == 0:
         return np.zeros(0)
@@ -244,12 +255,14 @@ def rouge_batch(predictions: Sequence[str], targets: Sequence[str]) -> np.ndarra
 
     pred_tokens = [ids_of(t) for t in predictions]
     tgt_tokens = [ids_of(t) for t in targets]
-    lcs = _lcs_lengths(pred_tokens, tgt_tokens, max(len(vocab), 1)).astype(np.float64)
-
     pred_len = np.fromiter(map(len, pred_tokens), dtype=np.int64, count=n)
     tgt_len = np.fromiter(map(len, tgt_tokens), dtype=np.int64, count=n)
     pred_flat = np.fromiter(chain.from_iterable(pred_tokens), dtype=np.int64, count=int(pred_len.sum()))
     tgt_flat = np.fromiter(chain.from_iterable(tgt_tokens), dtype=np.int64, count=int(tgt_len.sum()))
+    if native and _native_op is not None:
+        return _native_op(*map(torch.from_numpy, (pred_flat, pred_len, tgt_flat, tgt_len))).numpy()
+    lcs = _lcs_lengths(pred_tokens, tgt_tokens, max(len(vocab), 1)).astype(np.float64)
+
     pairs = np.arange(n, dtype=np.int64)
     pred_pair = np.repeat(pairs, pred_len)
     tgt_pair = np.repeat(pairs, tgt_len)
