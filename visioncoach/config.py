@@ -83,6 +83,14 @@ class DataConfig:
     shuffle: bool = True
     # Samples the synthetic generator writes (ignored for file datasets).
     synthetic_samples: int = 64
+    # The synthetic generator's task set: `all` (every STGR task type) or `color` (the
+    # learning benchmark's one-shape colour MCQ; visioncoach.data.synthetic).
+    synthetic_tasks: Literal["all", "color"] = "all"
+    # Synthetic datasets only: clips of another seed rolled out greedily (no visual prompts)
+    # before and after each stage, every reward component's mean in summary.json. The seed
+    # -1 means seed + 7919 (a fixed value keeps the same clips across runs of other seeds).
+    heldout_samples: int = 16
+    heldout_seed: int = -1
 
 
 @dataclass
@@ -280,6 +288,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.data.max_pixels >= 28 * 28, "data.max_pixels", f"must be >= 784 (one 28 x 28 patch), "
          f"got {cfg.data.max_pixels}")
     need(cfg.data.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
+    need(cfg.data.heldout_samples >= 0, "data.heldout_samples", "must be >= 0 (0 = no held-out check)")
     need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step",
          f"must be >= 1, got {cfg.rollout.prompts_per_step}")
     for key in ("sft_steps", "rl_steps"):

@@ -10,9 +10,11 @@ inputs and run forward and backward). Then the stages of ``stage``: the SFT cold
 (``visioncoach.trainer.sft.SFTRunner``) and RL, VisionCoach Algorithm 1
 (``visioncoach.trainer.rl.RLRunner``) with the reward function of ``reward.fn``.
 
-With the synthetic dataset, a held-out synthetic set (another seed) is rolled out greedily
-before and after SFT: ``summary.json`` records its mean format reward, i.e. whether the cold
-start taught the output format. RL's summary is the mean reward per component over its
+With the synthetic dataset, a held-out synthetic set (``data.heldout_samples`` clips of
+another seed) is rolled out greedily, without visual prompts (as the paper evaluates), before
+and after each stage: ``summary.json`` records the mean of every reward component under
+``heldout`` (``before_sft``, ``after_sft``, ``before_rl``, ``after_rl``), and the format
+reward around SFT also as ``heldout_format_before_sft`` / ``_after_sft``. RL's summary is the mean reward per component over its
 first and last steps, over every segment of a resumed run (from ``metrics.jsonl``).
 ``--log.resume=auto`` continues the last stage that has a checkpoint (an RL checkpoint means
 SFT is done).
@@ -65,12 +67,9 @@ def prepare_dataset(cfg, dist_info, sft: bool | None = None):
                            dist_info=dist_info)
 
 
-HELDOUT_SAMPLES = 16
-
-
 def _heldout_set(cfg, dist_info):
-    """Synthetic records of another seed (none of the training clips), for the SFT check."""
-    if cfg.data.dataset != "synthetic":
+    """Synthetic records of another seed (none of the training clips), for the held-out check."""
+    if cfg.data.dataset != "synthetic" or cfg.data.heldout_samples == 0:
         return None
     from visioncoach.data.loader import ClipDataset
     from visioncoach.data.stgr import load_stgr
@@ -79,24 +78,30 @@ def _heldout_set(cfg, dist_info):
 
     import torch.distributed as dist
 
-    seed = cfg.seed + 7919
+    seed = cfg.data.heldout_seed if cfg.data.heldout_seed >= 0 else cfg.seed + 7919
+    n, tasks = cfg.data.heldout_samples, cfg.data.synthetic_tasks
     if dist_info.is_main:
-        ensure_synthetic(HELDOUT_SAMPLES, seed)
+        ensure_synthetic(n, seed, tasks=tasks)
     if dist_info.backend is not None:
         dist.barrier()
-    data = load_stgr(ensure_synthetic(HELDOUT_SAMPLES, seed), sft=False)
+    data = load_stgr(ensure_synthetic(n, seed, tasks=tasks), sft=False)
     clips = ClipDataset(data, cfg.data.nframes, backend=cfg.data.decoder,
                         targets=RewardTargets((cfg.data.min_pixels, cfg.data.max_pixels)))
     return [c for c in (clips[i] for i in range(len(clips))) if hasattr(c, "frames")]
 
 
-def heldout_format_reward(model, tokenizer, samples, cfg, reward_fn) -> float:
-    """Mean format reward of greedy answers to ``samples`` (``ClipSample`` with reward records)."""
+def heldout_rewards(model, tokenizer, samples, cfg, reward_fn, progress: float = 1.0) -> dict[str, float]:
+    """Mean of each reward component over greedy answers to ``samples`` (``ClipSample`` with
+    reward records), raw inputs (no visual prompt). ``progress``: training progress for the
+    temporal sigma schedule (1.0: the final, strictest sigma, so numbers taken at different
+    points of training are comparable)."""
     from visioncoach.processor import sample_inputs
-    from visioncoach.rewards.components import FORMAT
+    from visioncoach.rewards.components import REWARD_KEYS
     from visioncoach.rollout.generate import generate_group
 
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    was_training = model.training
+    model.eval()
     texts = []
     for s in samples:
         inputs = sample_inputs(s, s.frames.to(next(model.parameters()).device), s.record["question"],
@@ -105,7 +110,19 @@ def heldout_format_reward(model, tokenizer, samples, cfg, reward_fn) -> float:
                            eos_token_ids=[e for e in eos if e is not None],
                            pad_token_id=tokenizer.pad_token_id, logprobs=False)
         texts.append(tokenizer.decode(g.tokens[0, :int(g.lengths[0])].tolist(), skip_special_tokens=True))
-    return float(reward_fn(texts, [s.reward_record for s in samples], cfg.reward)[FORMAT].float().mean())
+    model.train(was_training)
+    rewards = reward_fn(texts, [s.reward_record for s in samples], cfg.reward, progress=progress)
+    return {k: round(float(rewards[k].float().mean()), 4) for k in REWARD_KEYS}
+
+
+def _heldout_check(summary, when: str, model, tokenizer, heldout, cfg, reward_fn) -> None:
+    """``summary["heldout"][when]``: the held-out means per component (logged)."""
+    means = heldout_rewards(model, tokenizer, heldout, cfg, reward_fn)
+    summary["heldout"] = {**summary.get("heldout", {}), when: means}
+    if when.endswith("_sft"):   # the key the format check has always had
+        summary[f"heldout_format_{when}"] = means["format"]
+    log.info("held-out rewards %s (%d synthetic clips, greedy, no visual prompt): %s", when.replace("_", " "),
+             len(heldout), means)
 
 
 def rl_summary(history: list[dict], steps: int) -> dict:
@@ -262,8 +279,7 @@ def _run_stages(cfg, dist_info, reward_fn, t_start: float) -> int:
 
         # A resumed run keeps its first segment's number (measured on the same fresh init).
         if heldout is not None and "heldout_format_before_sft" not in summary:
-            summary["heldout_format_before_sft"] = heldout_format_reward(model, processor.tokenizer,
-                                                                         heldout, cfg, reward_fn)
+            _heldout_check(summary, "before_sft", model, processor.tokenizer, heldout, cfg, reward_fn)
         runner = SFTRunner(cfg, dist_info, model, processor.tokenizer, dataset, out_dir,
                            processor=processor)
         runner.maybe_resume(cfg.log.resume)
@@ -275,11 +291,7 @@ def _run_stages(cfg, dist_info, reward_fn, t_start: float) -> int:
                               "loss_first": sum(m["loss"] for m in history[:k]) / k,
                               "loss_last": sum(m["loss"] for m in history[-k:]) / k}
         if heldout is not None:
-            summary["heldout_format_after_sft"] = heldout_format_reward(model, processor.tokenizer,
-                                                                        heldout, cfg, reward_fn)
-            log.info("held-out format reward (%d synthetic samples, greedy): %.3f before SFT, "
-                     "%.3f after", len(heldout), summary["heldout_format_before_sft"],
-                     summary["heldout_format_after_sft"])
+            _heldout_check(summary, "after_sft", model, processor.tokenizer, heldout, cfg, reward_fn)
         del runner
     if cfg.stage in ("rl", "sft+rl"):
         from visioncoach.trainer.checkpoint import load_weights
@@ -294,7 +306,14 @@ def _run_stages(cfg, dist_info, reward_fn, t_start: float) -> int:
         runner = RLRunner(cfg, dist_info, model, processor.tokenizer, rl_data, out_dir,
                           reward_fn=reward_fn, processor=processor)
         runner.maybe_resume(cfg.log.resume)
+        if heldout is not None and "before_rl" not in summary.get("heldout", {}):
+            if cfg.stage == "sft+rl" and not rl_ckpt:   # the model SFT just finished with
+                summary["heldout"] = {**summary["heldout"], "before_rl": summary["heldout"]["after_sft"]}
+            else:
+                _heldout_check(summary, "before_rl", model, processor.tokenizer, heldout, cfg, reward_fn)
         history = stage_rows(runner, runner.run())   # every segment's steps
+        if heldout is not None:
+            _heldout_check(summary, "after_rl", model, processor.tokenizer, heldout, cfg, reward_fn)
         summary["rl"] = {**rl_summary(history, runner.step), "empty_steps": empty_steps(history)}
         log.info("RL: mean reward per component, first -> last steps: %s", summary["rl"]["reward"])
     summary["ranks_identical_after_training"] = ranks_identical(model, dist_info)

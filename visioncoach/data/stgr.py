@@ -258,11 +258,11 @@ def load_configured(data_cfg, seed: int, *, sft: bool, dist_info=None) -> STGRDa
         from visioncoach.data.synthetic import ensure_synthetic
 
         if dist_info is None or dist_info.is_main:
-            ensure_synthetic(data_cfg.synthetic_samples, seed)
+            ensure_synthetic(data_cfg.synthetic_samples, seed, tasks=data_cfg.synthetic_tasks)
         if dist_info is not None and dist_info.backend is not None:
             import torch.distributed as dist
 
             dist.barrier()
-        path = ensure_synthetic(data_cfg.synthetic_samples, seed)
+        path = ensure_synthetic(data_cfg.synthetic_samples, seed, tasks=data_cfg.synthetic_tasks)
     return load_stgr(path, data_cfg.video_root or None, sft=sft, strict=data_cfg.strict,
                      sources=data_cfg.sources, key_frame_root=data_cfg.key_frame_root)

@@ -8,6 +8,17 @@ reasoning's pixel boxes are exact.
 
 ``ensure_synthetic(n, seed)`` generates into a cache folder on first use (atomically: a
 half-written dataset is never picked up) and returns the STGR JSON path.
+
+Two task sets (``data.synthetic_tasks``):
+- ``all``: every STGR task type in turn, two objects per clip (the embedded default, which
+  shows every mechanism working);
+- ``color``: the learning benchmark's task (``bench/bench_learning.py``), built so a tiny
+  model can learn it within minutes on a CPU while every reward component has something to
+  score: one shape per clip, "what colour is it" as a four-option MCQ (options in a fixed
+  order, so the answer depends on the frames only), and a reasoning of one grounded claim
+  (the shape's name, its pixel box at the first key frame, that frame's time). The colour is
+  drawn uniformly, so a policy that ignores the frames scores 0.25 accuracy on average; the
+  background is a dim tint of the shape's colour.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ WIDTH, HEIGHT, FPS = 112, 84, 8
 BACKGROUND = (40, 40, 40)
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 80, 230), "yellow": (230, 210, 30)}
 SHAPES = ("square", "circle")
+TASK_SETS = ("all", "color")
 TASKS = ("temporal-spatial free-form QA", "General video QA MCQ", "General video QA Free-form",
          "temporal QA", "temporal QA (MCQ)", "visual QA")
 
@@ -92,7 +104,8 @@ def _tracks(rng: random.Random, duration: float) -> list[Track]:
     return tracks
 
 
-def _write_video(path: Path, tracks: list[Track], n_frames: int) -> None:
+def _write_video(path: Path, tracks: list[Track], n_frames: int,
+                 background: tuple[int, int, int] = BACKGROUND) -> None:
     import av
 
     with av.open(str(path), "w") as out:
@@ -100,7 +113,7 @@ def _write_video(path: Path, tracks: list[Track], n_frames: int) -> None:
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         for i in range(n_frames):
             frame = np.empty((HEIGHT, WIDTH, 3), dtype=np.uint8)
-            frame[:] = BACKGROUND
+            frame[:] = background
             for tr in tracks:
                 _draw(frame, tr, i / FPS)
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -175,16 +188,62 @@ def _record(i: int, rng: random.Random, task: str, tracks: list[Track], n_frames
     return rec
 
 
-def generate(out_dir: str | Path, n: int = 64, seed: int = 0) -> Path:
-    """Write ``n`` clips and ``stgr.json`` into ``out_dir``; returns the JSON path."""
+COLOR_OPTIONS = ("red", "green", "blue", "yellow")   # fixed order: letter = colour
+
+
+def _color_record(i: int, track: Track, n_frames: int, video: str) -> dict:
+    """The ``color`` task set's record (see the module docstring)."""
+    ka, kb = n_frames // 4, (3 * n_frames) // 4
+    key_frames = [{"idx": ka, "time": ka / FPS}, {"idx": kb, "time": kb / FPS}]
+    key_items = {}
+    for f in (ka, kb):
+        x1, y1, x2, y2 = track.box(f / FPS)
+        key_items[str(f)] = {track.name: [[x1 / WIDTH, y1 / HEIGHT, x2 / WIDTH, y2 / HEIGHT]]}
+    options = " ".join(f"{'ABCD'[k]}. {c}" for k, c in enumerate(COLOR_OPTIONS))
+    letter = "ABCD"[COLOR_OPTIONS.index(track.color)]
+    return {"id": f"synthetic-color-{i:05d}", "source": "synthetic", "task": "General video QA MCQ",
+            "video_path": video, "image_size": [WIDTH, HEIGHT], "key_frames": key_frames,
+            "key_items": key_items, "question": f"What color is the shape? {options}",
+            "answer": letter, "duration": (n_frames - 1) / FPS,
+            "reasoning_process": f"<think>{_claim(track, ka / FPS)}</think><answer>{letter}</answer>"}
+
+
+def _color_track(rng: random.Random, duration: float) -> Track:
+    # Large enough to cover several of the model's 28-px merged patches, so its colour
+    # reaches more than one visual token.
+    size = rng.randint(36, 52)
+    m = size // 2 + 2
+    xa, xb = m + rng.uniform(0, 8), WIDTH - m - rng.uniform(0, 8)
+    y0 = rng.uniform(m, HEIGHT - m)
+    y1 = min(max(y0 + rng.uniform(-15, 15), m), HEIGHT - m)
+    p0, p1 = ((xa, y0), (xb, y1)) if rng.random() < 0.5 else ((xb, y0), (xa, y1))
+    return Track(rng.choice(COLOR_OPTIONS), rng.choice(SHAPES), size, p0, p1, 0.0, duration)
+
+
+def generate(out_dir: str | Path, n: int = 64, seed: int = 0, tasks: str = "all") -> Path:
+    """Write ``n`` clips and ``stgr.json`` into ``out_dir``; returns the JSON path. ``tasks``:
+    the task set (``TASK_SETS``, see the module docstring)."""
+    if tasks not in TASK_SETS:
+        raise ValueError(f"synthetic task set {tasks!r}: expected one of {TASK_SETS}")
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
-        rng = random.Random(f"{seed}-{i}")  # per-sample streams: sample i never depends on n
+        # Per-sample streams: sample i never depends on n. The "all" set keeps its original
+        # stream names, so existing caches and tests see the same clips.
+        rng = random.Random(f"{seed}-{i}" if tasks == "all" else f"{tasks}-{seed}-{i}")
         n_frames = rng.randint(3 * FPS, 5 * FPS)
-        tracks = _tracks(rng, (n_frames - 1) / FPS)
         video = f"videos/{i:05d}.mp4"
+        if tasks == "color":
+            track = _color_track(rng, (n_frames - 1) / FPS)
+            # A dim tint of the shape's colour over the whole frame, so every visual token
+            # carries the answer, not only the few the shape covers (an easier read for a
+            # model trained from random weights; see bench/bench_learning.py for what it learns).
+            tint = tuple(int(0.3 * c) for c in COLORS[track.color])
+            _write_video(out_dir / video, [track], n_frames, background=tint)
+            records.append(_color_record(i, track, n_frames, video))
+            continue
+        tracks = _tracks(rng, (n_frames - 1) / FPS)
         _write_video(out_dir / video, tracks, n_frames)
         records.append(_record(i, rng, TASKS[i % len(TASKS)], tracks, n_frames, video))
     path = out_dir / "stgr.json"
@@ -198,16 +257,17 @@ def default_cache() -> Path:
     return Path(root)
 
 
-def ensure_synthetic(n: int = 64, seed: int = 0, cache: str | Path | None = None) -> Path:
+def ensure_synthetic(n: int = 64, seed: int = 0, cache: str | Path | None = None,
+                     tasks: str = "all") -> Path:
     """The dataset's JSON path, generating it first if the cache lacks it (atomic rename)."""
     root = Path(cache) if cache else default_cache()
-    final = root / f"synthetic-v{VERSION}-n{n}-s{seed}"
+    final = root / (f"synthetic-v{VERSION}-n{n}-s{seed}" + ("" if tasks == "all" else f"-{tasks}"))
     if (final / "stgr.json").is_file():
         return final / "stgr.json"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".synthetic-"))
     try:
-        generate(tmp, n, seed)
+        generate(tmp, n, seed, tasks)
         try:
             os.rename(tmp, final)
         except OSError:
