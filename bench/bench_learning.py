@@ -344,6 +344,7 @@ def main() -> None:
                                           f"heldout_{k}_ci95", a[f"{k}_ci"], "reward"))
     if not args.no_csv:
         write_results("learning", results, directory=args.results)
+    args.results.mkdir(parents=True, exist_ok=True)
     plot(rows, arms, agg, args.workdir, args.results / "learning.png")
 
 

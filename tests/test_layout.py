@@ -16,6 +16,9 @@ LONG_FILES = {
     "kernels/linear_logprob.py": "one op per file (Liger-Kernel's convention): the chunked autograd "
                                  "path, the Triton row kernels, their launchers, the custom-op "
                                  "registrations and both references belong together",
+    "visioncoach/rewards/batched.py": "the batched score of eq. 4: each component's native loop "
+                                      "(csrc/rewards.cpp, csrc/gt_pack.cpp) beside the tensor "
+                                      "version it falls back to and is tested against",
     "tests/test_rewards.py": "one test module per source module: every reward component's "
                              "hand-computed cases plus the batched path against the reference",
 }
