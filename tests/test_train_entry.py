@@ -152,7 +152,9 @@ def test_reward_fn_from_the_config_is_what_training_scores_with(tmp_path, monkey
     import stand_in_reward
 
     assert train.main(_rl_args(tmp_path, "stand_in_reward:reward")) == 0
-    assert stand_in_reward.CALLS == [2]                       # one batched call: 1 prompt x G = 2
+    # The held-out check before RL (16 clips), one batched RL call (1 prompt x G = 2), the
+    # held-out check after: training and the held-out numbers score with the same function.
+    assert stand_in_reward.CALLS == [16, 2, 16]
     m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert (m["reward_total"], m["reward_accuracy"], m["reward_spatial"]) == (1.75, 0.25, 0.5)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

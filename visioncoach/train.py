@@ -96,7 +96,7 @@ def heldout_rewards(model, tokenizer, samples, cfg, reward_fn, progress: float =
     temporal sigma schedule (1.0: the final, strictest sigma, so numbers taken at different
     points of training are comparable)."""
     from visioncoach.processor import sample_inputs
-    from visioncoach.rewards.components import REWARD_KEYS
+    from visioncoach.rewards.components import REWARD_KEYS, check_rewards
     from visioncoach.rollout.generate import generate_group
 
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
@@ -112,6 +112,8 @@ def heldout_rewards(model, tokenizer, samples, cfg, reward_fn, progress: float =
         texts.append(tokenizer.decode(g.tokens[0, :int(g.lengths[0])].tolist(), skip_special_tokens=True))
     model.train(was_training)
     rewards = reward_fn(texts, [s.reward_record for s in samples], cfg.reward, progress=progress)
+    # The same contract check as RL's, so a broken reward.fn is named here too, not a KeyError.
+    check_rewards(rewards, len(texts), f"the reward function (config key 'reward.fn' = {cfg.reward.fn!r})")
     return {k: round(float(rewards[k].float().mean()), 4) for k in REWARD_KEYS}
 
 
