@@ -404,28 +404,33 @@ def _first_numbers(pattern: re.Pattern, texts: list[str], k: int) -> list[tuple[
     ``first_segment`` read them (unordered: the IoUs order the ends themselves), else None.
     One ``findall`` per text and one float32 rounding of all numbers together, instead of a
     Python function call per text and a ``to_f32`` call per number."""
-    found = list(map(pattern.findall, texts))
+    out: list[tuple[float, ...] | None] = [None] * len(texts)
     owner, groups = [], []
-    for i, matches in enumerate(found):
-        for g in matches:
+    for i, m in enumerate(map(pattern.search, texts)):
+        if m is not None:
+            g = m.groups()
             owner.append(i)
             # The segment pattern's second form fills groups 3-4; a group that did not take
-            # part is "" (a number always has a digit).
-            groups += g[:k] if g[0] else g[k:2 * k]
-    out: list[tuple[float, ...] | None] = [None] * len(texts)
+            # part is None.
+            groups += g[:k] if g[0] is not None else g[k:2 * k]
     if not owner:
         return out
     # Usually every number is a finite float32: struct rounds them all in one call (the "f"
-    # format rounds as to_f32 does, raising where that gives None) and the first match of
-    # each text is its answer. Otherwise numpy sorts out which matches count.
+    # format rounds as to_f32 does, raising where that gives None), and each text's first
+    # match is its answer. Otherwise a later match may be: numpy sorts out which counts.
     try:
         f32 = struct.unpack(f"<{len(groups)}f", struct.pack(f"<{len(groups)}f", *map(float, groups)))
     except OverflowError:
         f32 = None
     if f32 is not None and all(map(math.isfinite, f32)):
-        for j in range(len(owner) - 1, -1, -1):      # backwards: the first match wins
-            out[owner[j]] = f32[k * j:k * j + k]
+        for j, i in enumerate(owner):
+            out[i] = f32[k * j:k * j + k]
         return out
+    owner, groups = [], []
+    for i, matches in enumerate(map(pattern.findall, texts)):
+        for g in matches:
+            owner.append(i)
+            groups += g[:k] if g[0] else g[k:2 * k]     # findall: "" for a group not taken
     with np.errstate(over="ignore"):
         nums = np.fromiter(map(float, groups), np.float64, len(groups)).astype(np.float32).reshape(-1, k)
     ok = np.isfinite(nums).all(1)
@@ -439,7 +444,8 @@ def _first_numbers(pattern: re.Pattern, texts: list[str], k: int) -> list[tuple[
 
 
 def _box_ious(preds: list, truths: list) -> np.ndarray:
-    """``reference.box_iou`` of each (pred, truth) pair, the same float64 operations."""
+    """``reference.box_iou`` of each (pred, truth) pair, the same float64 operations; rows
+    of 4 numbers, or flat lists of them (one array conversion instead of one per row)."""
     a, b = np.array(preds, dtype=np.float64).reshape(-1, 4), np.array(truths, dtype=np.float64).reshape(-1, 4)
     # reversed corners swapped: [x1, y1] the minima, [x2, y2] the maxima of each pair
     a_lo, a_hi = np.minimum(a[:, :2], a[:, 2:]), np.maximum(a[:, :2], a[:, 2:])
@@ -485,21 +491,21 @@ def _accuracy(answers: Sequence[str | None], records: Sequence[Record], index: S
     # a segment [s, e] is the box (s, 0, e, 1), whose IoU is exactly segment_iou's (widths and
     # overlap times 1, the same float64 values; zero length gives 0 on both sides).
     owners: list[tuple[str, int]] = []                 # (answer, record) of each IoU row
-    preds: list = []
-    truths: list = []
+    preds: list[float] = []                            # flat: 4 per row, one array at the end
+    truths: list[float] = []
     keys = [(a, r) for a, r in by_task.pop("temporal QA", ()) if records[r].segments]
     for key, seg in zip(keys, _first_numbers(_SEGMENT_IN_TEXT, [a for a, _ in keys], 2)):
         if seg is not None:
             for s, e in records[key[1]].segments:
                 owners.append(key)
-                preds.append((seg[0], 0.0, seg[1], 1.0))
-                truths.append((s, 0.0, e, 1.0))
+                preds += (seg[0], 0.0, seg[1], 1.0)
+                truths += (s, 0.0, e, 1.0)
     keys = [(a, r) for a, r in by_task.pop("visual QA", ()) if records[r].gt_box is not None]
     for key, box in zip(keys, _first_numbers(_BOX_IN_TEXT, [a for a, _ in keys], 4)):
         if box is not None:
             owners.append(key)
-            preds.append(box)
-            truths.append(records[key[1]].gt_box)
+            preds += box
+            truths += records[key[1]].gt_box
     if owners:
         ious = _box_ious(preds, truths).tolist()
         if len(set(owners)) == len(owners):
