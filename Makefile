@@ -25,7 +25,7 @@ test: setup
 bench: setup
 	@for b in $$(ls bench/bench_*.py | grep -v bench_learning); do echo "== $$b"; PYTHONSAFEPATH= $(VENV)/bin/python $$b || exit 1; done
 
-# Evidence that it learns (bench/bench_learning.py): SFT, then plain GSPO and GSPO + VP + SD
+# Evidence that it learns (bench/bench_learning.py): alignment + SFT, then plain GSPO and GSPO + VP + SD
 # from the same checkpoint, 3 seeds; ARGS="--arms gspo --seeds 0" runs one arm for one seed.
 learn: setup
 	PYTHONSAFEPATH= $(VENV)/bin/python bench/bench_learning.py $(ARGS)

@@ -6,8 +6,14 @@ self-distillation) help over plain GSPO? On the synthetic ``color`` task
 MCQ, a reasoning of one grounded claim, so accuracy, format, temporal and spatial rewards all
 have something to score), per seed:
 
-1. one SFT cold start (``--stage=sft``), the format and the claim layout;
-2. from that checkpoint, each RL arm with the same steps, prompts and rollouts
+1. an alignment run (``--stage=sft`` with ``loss.sft_answer_weight=1000``: the loss is
+   almost all on the answer letter, the one target token that depends on the frames), so the
+   random-init model learns to read the colour at all. A pretrained Qwen2.5-VL brings this
+   from pretraining; without it the tiny model never reads the frames and answers with the
+   colour prior whatever the training (measured: README "Does it learn?");
+2. from it, the SFT cold start (``--stage=sft --model.path=<the alignment run>``, answer
+   weight 20): the format and the claim layout, keeping most of what the alignment learned;
+3. from that checkpoint, each RL arm with the same steps, prompts and rollouts
    (``--stage=rl --model.path=<the SFT run>``):
 
    =============  ==================================================================
@@ -76,10 +82,17 @@ TASK = [
     "--log.checkpoint_every=1000000",  # the final checkpoint only
     "--log.keep_checkpoints=1",
 ]
-SFT = [
+ALIGN = [
     "--stage=sft",
     "--optim.sft_steps=300",
-    "--optim.sft_lr=1e-2",
+    "--optim.sft_lr=1e-3",
+    "--loss.sft_answer_weight=1000",   # ~96% of the loss on the answer letter
+]
+SFT = [
+    "--stage=sft",
+    "--optim.sft_steps=600",
+    "--optim.sft_lr=3e-3",             # 1e-2 learns the format faster but unlearns the colour
+    "--loss.sft_answer_weight=20",     # ~30% of the loss on the answer
 ]
 RL = [
     "--stage=rl",
@@ -128,10 +141,13 @@ def run_dir(workdir: Path, seed: int, arm: str) -> Path:
 
 
 def arm_overrides(arm: str, seed: int, workdir: Path) -> list[str]:
-    """The full override list of one run (``sft``: the SFT cold start all RL arms start from)."""
+    """The full override list of one run: ``align`` (the alignment run), ``sft`` (the SFT cold
+    start from it, which all RL arms start from) or an RL arm."""
     common = [f"--seed={seed}", f"--output_dir={run_dir(workdir, seed, arm)}", *TASK]
+    if arm == "align":
+        return common + ALIGN
     if arm == "sft":
-        return common + SFT
+        return common + SFT + [f"--model.path={run_dir(workdir, seed, 'align')}"]
     return common + RL + [f"--model.path={run_dir(workdir, seed, 'sft')}", *ARMS[arm].overrides]
 
 
@@ -140,11 +156,24 @@ def command(overrides: list[str]) -> list[str]:
             "-m", "visioncoach.train", *overrides]
 
 
-def completed(out: Path, overrides: list[str]) -> dict | None:
-    """The summary of a finished run with these overrides, else None."""
+def run_stamp(overrides: list[str]) -> dict:
+    """What a reusable run must match: its overrides, and when the run it starts from
+    (``--model.path``) started, so a run over a base that was redone since is redone too."""
+    base = next((o.split("=", 1)[1] for o in overrides if o.startswith("--model.path=")), None)
+    started = None
+    if base is not None:
+        try:
+            started = json.loads((Path(base) / "summary.json").read_text())["segments"][-1]["started"]
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+    return {"overrides": overrides, "base_started": started}
+
+
+def completed(out: Path, stamp: dict) -> dict | None:
+    """The summary of a finished run with this stamp (``run_stamp``), else None."""
     try:
         summary = json.loads((out / "summary.json").read_text())
-        same = json.loads((out / "bench_overrides.json").read_text()) == overrides
+        same = json.loads((out / "bench_overrides.json").read_text()) == stamp
     except (OSError, ValueError):
         return None
     done = summary.get("segments") and summary["segments"][-1].get("status") == "completed"
@@ -155,7 +184,8 @@ def run(arm: str, seed: int, workdir: Path, log_dir: Path) -> dict:
     """Run (or reuse) one arm for one seed; returns its summary.json."""
     overrides = arm_overrides(arm, seed, workdir)
     out = run_dir(workdir, seed, arm)
-    summary = completed(out, overrides)
+    stamp = run_stamp(overrides)
+    summary = completed(out, stamp)
     if summary is not None:
         print(f"[{arm} seed {seed}] reusing {out}", flush=True)
         return summary
@@ -171,7 +201,7 @@ def run(arm: str, seed: int, workdir: Path, log_dir: Path) -> dict:
     if rc != 0:
         tail = log.read_text().splitlines()[-20:]
         raise SystemExit(f"[{arm} seed {seed}] exited with {rc}; the end of {log}:\n" + "\n".join(tail))
-    (out / "bench_overrides.json").write_text(json.dumps(overrides))
+    (out / "bench_overrides.json").write_text(json.dumps(stamp))
     print(f"[{arm} seed {seed}] done in {time.perf_counter() - t0:.0f} s", flush=True)
     return json.loads((out / "summary.json").read_text())
 
@@ -296,7 +326,7 @@ def main() -> None:
         ap.error(f"--arms: unknown arm(s) {unknown}; expected some of {list(ARMS)}")
     if args.dry_run:
         for seed in args.seeds:
-            for arm in arms:
+            for arm in ["align", *arms]:
                 print(shlex.join(command(arm_overrides(arm, seed, args.workdir))))
         return
     if args.fresh and args.workdir.exists():
@@ -305,6 +335,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = []
     for seed in args.seeds:
+        run("align", seed, args.workdir, args.workdir)
         for arm in arms:
             rows.append(per_run(arm, seed, run(arm, seed, args.workdir, args.workdir), args.workdir))
     wall = time.perf_counter() - t0

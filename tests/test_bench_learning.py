@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from visioncoach import config as config_lib
-from visioncoach.data.synthetic import COLOR_OPTIONS, COLORS, HEIGHT, WIDTH, generate
+from visioncoach.data.synthetic import COLOR_OPTIONS, COLORS, HEIGHT, SHAPES, WIDTH, generate
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))   # the script imports bench/_common.py as a bench script does
@@ -55,7 +55,10 @@ def test_color_task_answer_is_what_the_frames_show(color_set):
         cx, cy = int((x1 + x2) / 2 * WIDTH), int((y1 + y2) / 2 * HEIGHT)
         seen = torch.tensor(frame[cy, cx].astype(float))
         nearest = min(COLORS, key=lambda c: float((seen - torch.tensor(COLORS[c], dtype=float)).norm()))
-        assert nearest == COLOR_OPTIONS["ABCD".index(r["answer"])] == name.split()[0], r["id"]
+        assert nearest == COLOR_OPTIONS["ABCD".index(r["answer"])], r["id"]
+        # The claim names the shape only: the answer is the one target token the colour decides.
+        assert name in SHAPES and f"<obj>{name}</obj>" in r["reasoning_process"], r["id"]
+        assert not any(c in r["reasoning_process"] for c in COLOR_OPTIONS), r["id"]
         assert r["question"].endswith("A. red B. green C. blue D. yellow")
     # The loader adds the model's frame size; 112 x 84 fits the pixel budget unresized.
     records = [{**r, "frame_size": [WIDTH, HEIGHT]} for r in records]
@@ -88,7 +91,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def test_each_arm_resolves_to_what_it_says():
     sft, gspo = _flat(_resolved("sft")), _flat(_resolved("gspo"))
     vp, vp_max = _flat(_resolved("gspo+vp+sd")), _flat(_resolved("gspo+vp+sd/max"))
+    align = _flat(_resolved("align"))
     assert sft["stage"] == "sft" and sft["data.synthetic_tasks"] == "color"
+    # The alignment run, then the cold start from it: both SFT, the answer weighted (the
+    # alignment almost only on it), and the cold start starts from the alignment.
+    assert align["stage"] == "sft" and align["model.path"] == ""
+    assert align["loss.sft_answer_weight"] == 1000 and sft["loss.sft_answer_weight"] == 20
+    assert sft["model.path"] == "/tmp/learning/seed0/align"
     assert gspo["stage"] == vp["stage"] == "rl"
     assert gspo["model.path"] == vp["model.path"] == "/tmp/learning/seed0/sft"   # one SFT checkpoint
     assert (gspo["vp.selector"], gspo["loss.sd_alpha"]) == ("none", 0.0)
@@ -138,3 +147,29 @@ def test_heldout_evaluation_is_deterministic(tmp_path, monkeypatch):
     assert set(first) == {"accuracy", "format", "temporal", "spatial", "total"}
     assert train.heldout_rewards(model, processor.tokenizer, held, cfg, score) == first
     assert model.training   # put back as it was
+
+
+def test_a_run_is_reused_only_over_the_same_base(tmp_path):
+    """A finished run is reused when its overrides match and the run it starts from has not
+    been redone since; redoing the base (a new start time) makes it stale."""
+    base, out = tmp_path / "base", tmp_path / "out"
+    for d in (base, out):
+        d.mkdir()
+
+    def finish(d: Path, started: str) -> None:
+        (d / "summary.json").write_text(json.dumps(
+            {"segments": [{"started": started, "status": "completed"}]}))
+
+    finish(base, "2026-12-06T10:00:00+00:00")
+    overrides = ["--seed=0", f"--model.path={base}"]
+    stamp = bench.run_stamp(overrides)
+    assert stamp == {"overrides": overrides, "base_started": "2026-12-06T10:00:00+00:00"}
+    finish(out, "2026-12-06T10:05:00+00:00")
+    (out / "bench_overrides.json").write_text(json.dumps(stamp))
+    assert bench.completed(out, bench.run_stamp(overrides)) is not None
+    assert bench.completed(out, bench.run_stamp(["--seed=1", f"--model.path={base}"])) is None
+    finish(base, "2026-12-06T11:00:00+00:00")            # the base was redone
+    assert bench.completed(out, bench.run_stamp(overrides)) is None
+    # A run without a base, and a base that is not there (yet): None for the base.
+    assert bench.run_stamp(["--seed=0"])["base_started"] is None
+    assert bench.run_stamp([f"--model.path={tmp_path / 'missing'}"])["base_started"] is None

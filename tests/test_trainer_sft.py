@@ -159,3 +159,85 @@ def test_checkpoint_is_a_model_folder_that_infer_takes(dataset, tokenizer, proce
         target = older / "model" if path == older else folder
         assert line.startswith(f"model: {said}") and line.endswith(f"model folder {target}"), line
     assert (tmp_path / "infer" / "cup_grounding.png").is_file()
+
+
+# ---- loss.sft_answer_weight: the answer block's tokens weigh more in the SFT mean ----
+
+def test_answer_token_weights_mark_exactly_the_answer_tokens(tokenizer):
+    from visioncoach.trainer.sft import answer_token_weights
+
+    text = ("<think><obj>circle</obj><box>[1, 2, 30, 40]</box>at<t>0.9</t>s</think>\n"
+            "<answer>B. the blue one</answer><|im_end|>")
+    ids, w = answer_token_weights(tokenizer, text, 7.5)
+    assert ids == tokenizer(text, add_special_tokens=False).input_ids   # the same tokens
+    heavy = [i for i, x in zip(ids, w) if x == 7.5]
+    assert set(w) == {1.0, 7.5} and len(w) == len(ids)
+    # The weighted tokens are one contiguous run that spells the answer and nothing past it.
+    first = w.index(7.5)
+    assert w[first:first + len(heavy)] == [7.5] * len(heavy)
+    # Qwen's BPE joins ">B" into one token: it overlaps the answer, so it is weighted.
+    assert tokenizer.decode(heavy) == ">B. the blue one"
+    # No answer block (or an unclosed one): every token weighs 1.
+    for t in ("<think>x</think>", "<think>x</think><answer>B"):
+        assert set(answer_token_weights(tokenizer, t, 7.5)[1]) == {1.0}
+
+
+def test_answer_weight_needs_a_fast_tokenizer():
+    from visioncoach.trainer.sft import answer_token_weights
+
+    class Slow:
+        def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+            raise NotImplementedError("return_offset_mapping is not available")
+
+    with pytest.raises(ValueError, match="loss.sft_answer_weight=3.0 needs a fast tokenizer"):
+        answer_token_weights(Slow(), "<answer>A</answer>", 3.0)
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
+def test_answer_weight_config_is_checked(bad):
+    from visioncoach.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.sft_answer_weight"):
+        load_config([f"--loss.sft_answer_weight={bad}"])
+
+
+def test_weighted_sft_loss_is_the_weighted_token_mean(dataset, tokenizer):
+    from visioncoach.data.loader import ClipDataset
+    from visioncoach.trainer.sft import sft_loss
+
+    model = build_tiny_model(seed=2)
+    data_cfg = DataConfig(min_pixels=3136, max_pixels=12544)
+    samples = [ClipDataset(dataset, nframes=2)[i] for i in (0, 3)]
+    plain = [build_sft_example(s, tokenizer, data_cfg, torch.device("cpu")) for s in samples]
+    heavy = [build_sft_example(s, tokenizer, data_cfg, torch.device("cpu"), 4.0) for s in samples]
+    loss_plain, n_plain = sft_loss(model, plain)
+    loss_heavy, n_heavy = sft_loss(model, heavy)
+    nll, w = [], []
+    for p, h in zip(plain, heavy):
+        assert torch.equal(p.tensors["input_ids"], h.tensors["input_ids"])  # weights only
+        nll.append(-target_logprobs(model, p)[0].double())
+        w.append(h.weights[0].double())
+        assert h.weight_sum == pytest.approx(float(h.weights.sum()))
+        assert 1 <= int((h.weights == 4.0).sum()) < h.weights.numel() // 2
+    nll, w = torch.cat(nll), torch.cat(w)
+    assert n_plain == n_heavy == nll.numel()
+    torch.testing.assert_close(loss_plain.double(), nll.mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_heavy.double(), (w * nll).sum() / w.sum(), rtol=1e-6, atol=0)
+    assert not torch.allclose(loss_heavy, loss_plain)
+    # The gradient is the weighted one too (the weights are not detached away).
+    loss_heavy.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_sft_runner_uses_the_configured_answer_weight(dataset, tokenizer, tmp_path, monkeypatch):
+    seen = []
+    real = sft_mod.build_sft_example
+
+    def spy(sample, tok, data_cfg, device, answer_weight=1.0):
+        seen.append(answer_weight)
+        return real(sample, tok, data_cfg, device, answer_weight)
+
+    monkeypatch.setattr(sft_mod, "build_sft_example", spy)
+    r = _runner(_cfg(**{"optim.sft_steps": 1, "loss.sft_answer_weight": 5}), dataset, tokenizer, tmp_path)
+    hist = r.run()
+    assert seen and set(seen) == {5.0} and hist[-1]["loss"] is not None

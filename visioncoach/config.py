@@ -11,6 +11,7 @@ dataclasses before anything is built; errors name the key and where it came from
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -174,6 +175,11 @@ class LossConfig:
     sd_condition: Literal["prompted", "raw"] = "prompted"
     # Optimizer steps per rollout batch (mu). With 1 the GSPO ratio is identically 1.
     updates_per_rollout: int = 1
+    # SFT: weight of each token of the answer block (between <answer> and </answer>) in the
+    # token-NLL mean, the other target tokens weighing 1 (1 = the plain mean, the paper's).
+    # Above 1 the answer carries more of the loss, so the cold start also learns what the
+    # answer depends on (the frames) rather than only the format (bench/bench_learning.py).
+    sft_answer_weight: float = 1.0
 
 
 @dataclass
@@ -327,6 +333,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.loss.beta >= 0, "loss.beta", "must be >= 0")
     need(cfg.loss.sd_alpha >= 0, "loss.sd_alpha", "must be >= 0")
     need(cfg.loss.updates_per_rollout >= 1, "loss.updates_per_rollout", "must be >= 1")
+    need(math.isfinite(cfg.loss.sft_answer_weight) and cfg.loss.sft_answer_weight > 0,
+         "loss.sft_answer_weight", f"must be a finite number > 0, got {cfg.loss.sft_answer_weight}")
     from visioncoach.vp.spec import clip_required, selector_mode_ok, vp_spec, vp_types
 
     sel = cfg.vp.selector

@@ -16,7 +16,10 @@ Two task sets (``data.synthetic_tasks``):
   model can learn it within minutes on a CPU while every reward component has something to
   score: one shape per clip, "what colour is it" as a four-option MCQ (options in a fixed
   order, so the answer depends on the frames only), and a reasoning of one grounded claim
-  (the shape's name, its pixel box at the first key frame, that frame's time). The colour is
+  (the shape, its pixel box at the first key frame, that frame's time). The claim names the
+  shape without its colour, so the answer letter is the one target token that depends on the
+  colour: under teacher forcing it cannot be copied from the reasoning, which is what lets
+  ``loss.sft_answer_weight`` teach the cold start to read the frames. The colour is
   drawn uniformly, so a policy that ignores the frames scores 0.25 accuracy on average; the
   background is a dim tint of the shape's colour.
 """
@@ -39,6 +42,9 @@ BACKGROUND = (40, 40, 40)
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 80, 230), "yellow": (230, 210, 30)}
 SHAPES = ("square", "circle")
 TASK_SETS = ("all", "color")
+# The cache folder's suffix per task set, bumped when the set's clips or records change so a
+# cache of the old ones is never reused ("color" r2: the claim names the shape only).
+_CACHE_SUFFIX = {"all": "", "color": "-color-r2"}
 TASKS = ("temporal-spatial free-form QA", "General video QA MCQ", "General video QA Free-form",
          "temporal QA", "temporal QA (MCQ)", "visual QA")
 
@@ -122,9 +128,9 @@ def _write_video(path: Path, tracks: list[Track], n_frames: int,
             out.mux(packet)
 
 
-def _claim(track: Track, t: float) -> str:
+def _claim(track: Track, t: float, name: str | None = None) -> str:
     x1, y1, x2, y2 = track.box(t)
-    return f"<obj>{track.name}</obj><box>[{x1}, {y1}, {x2}, {y2}]</box>at<t>{t:g}</t>s"
+    return f"<obj>{track.name if name is None else name}</obj><box>[{x1}, {y1}, {x2}, {y2}]</box>at<t>{t:g}</t>s"
 
 
 def _direction(track: Track) -> str:
@@ -198,14 +204,14 @@ def _color_record(i: int, track: Track, n_frames: int, video: str) -> dict:
     key_items = {}
     for f in (ka, kb):
         x1, y1, x2, y2 = track.box(f / FPS)
-        key_items[str(f)] = {track.name: [[x1 / WIDTH, y1 / HEIGHT, x2 / WIDTH, y2 / HEIGHT]]}
+        key_items[str(f)] = {track.shape: [[x1 / WIDTH, y1 / HEIGHT, x2 / WIDTH, y2 / HEIGHT]]}
     options = " ".join(f"{'ABCD'[k]}. {c}" for k, c in enumerate(COLOR_OPTIONS))
     letter = "ABCD"[COLOR_OPTIONS.index(track.color)]
     return {"id": f"synthetic-color-{i:05d}", "source": "synthetic", "task": "General video QA MCQ",
             "video_path": video, "image_size": [WIDTH, HEIGHT], "key_frames": key_frames,
             "key_items": key_items, "question": f"What color is the shape? {options}",
             "answer": letter, "duration": (n_frames - 1) / FPS,
-            "reasoning_process": f"<think>{_claim(track, ka / FPS)}</think><answer>{letter}</answer>"}
+            "reasoning_process": f"<think>{_claim(track, ka / FPS, track.shape)}</think><answer>{letter}</answer>"}
 
 
 def _color_track(rng: random.Random, duration: float) -> Track:
@@ -261,7 +267,9 @@ def ensure_synthetic(n: int = 64, seed: int = 0, cache: str | Path | None = None
                      tasks: str = "all") -> Path:
     """The dataset's JSON path, generating it first if the cache lacks it (atomic rename)."""
     root = Path(cache) if cache else default_cache()
-    final = root / (f"synthetic-v{VERSION}-n{n}-s{seed}" + ("" if tasks == "all" else f"-{tasks}"))
+    if tasks not in TASK_SETS:
+        raise ValueError(f"synthetic task set {tasks!r}: expected one of {TASK_SETS}")
+    final = root / f"synthetic-v{VERSION}-n{n}-s{seed}{_CACHE_SUFFIX[tasks]}"
     if (final / "stgr.json").is_file():
         return final / "stgr.json"
     root.mkdir(parents=True, exist_ok=True)

@@ -31,23 +31,55 @@ class SFTExample:
     tensors: dict[str, torch.Tensor]  # model inputs over prompt + target, batch 1
     target_start: int                 # index of the first target token in input_ids
     frame_size: tuple[int, int]
+    # Per-target-token loss weights [1, Tt] and their sum (known on the host, so the loss
+    # needs no sync); None: every token weighs 1.
+    weights: torch.Tensor | None = None
+    weight_sum: float = 0.0
 
 
-def build_sft_example(sample, tokenizer, data_cfg, device: torch.device) -> SFTExample:
+def answer_token_weights(tokenizer, text: str, answer_weight: float) -> tuple[list[int], list[float]]:
+    """Token ids of the SFT target ``text`` and each token's loss weight: ``answer_weight``
+    for a token that overlaps the answer block's content (the first ``<answer>`` up to the
+    first ``</answer>`` after it), 1 for the others and for every token of a text without one.
+    The ids are exactly ``tokenizer(text).input_ids``: the offsets come with them."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:     # a slow (python) tokenizer has no offsets
+        raise ValueError(f"loss.sft_answer_weight={answer_weight} needs a fast tokenizer (token "
+                         f"offsets), but {type(tokenizer).__name__} has none; set it to 1") from e
+    a = text.find("<answer>")
+    b = text.find("</answer>", a + len("<answer>")) if a >= 0 else -1
+    if b < 0:
+        return enc.input_ids, [1.0] * len(enc.input_ids)
+    a += len("<answer>")
+    return enc.input_ids, [answer_weight if start < b and end > a else 1.0
+                           for start, end in enc.offset_mapping]
+
+
+def build_sft_example(sample, tokenizer, data_cfg, device: torch.device,
+                      answer_weight: float = 1.0) -> SFTExample:
     """Model inputs for one decoded sample (``visioncoach.data.loader.ClipSample``): its prompt
     (``data_cfg``'s layout and pixel budget; one image for an image record) followed by the
-    SFT target (``templates.sft_target``, boxes in the pixels of the frames the model sees)."""
+    SFT target (``templates.sft_target``, boxes in the pixels of the frames the model sees).
+    ``answer_weight``: ``loss.sft_answer_weight`` (``answer_token_weights``)."""
     rec = sample.record
     inputs = sample_inputs(sample, sample.frames.to(device), rec["question"], tokenizer, data_cfg)
     t = inputs.tensors
-    target = tokenizer(sft_target(rec, inputs.frame_size) + "<|im_end|>", add_special_tokens=False).input_ids
+    text = sft_target(rec, inputs.frame_size) + "<|im_end|>"
+    weights, weight_sum = None, 0.0
+    if answer_weight == 1.0:
+        target = tokenizer(text, add_special_tokens=False).input_ids
+    else:
+        target, w = answer_token_weights(tokenizer, text, answer_weight)
+        weights = torch.tensor([w], dtype=torch.float32, device=device)        # [1, Tt]
+        weight_sum = sum(w)
     target = torch.tensor([target], dtype=torch.int64, device=device)        # [1, Tt]
     start = t["input_ids"].shape[1]
     t = dict(t)
     t["input_ids"] = torch.cat([t["input_ids"], target], 1)
     t["attention_mask"] = torch.ones_like(t["input_ids"])
     t["mm_token_type_ids"] = torch.cat([t["mm_token_type_ids"], torch.zeros_like(target)], 1)
-    return SFTExample(t, start, inputs.frame_size)
+    return SFTExample(t, start, inputs.frame_size, weights, weight_sum)
 
 
 def target_logprobs(model, example: SFTExample) -> torch.Tensor:
@@ -63,15 +95,20 @@ def target_logprobs(model, example: SFTExample) -> torch.Tensor:
 
 
 def sft_loss(model, examples: list[SFTExample]) -> tuple[torch.Tensor, int]:
-    """Mean token NLL over all target tokens of the batch, and the token count."""
+    """Weighted mean token NLL over all target tokens of the batch, sum(w * nll) / sum(w)
+    (w = 1 but for answer tokens under ``loss.sft_answer_weight``), and the token count."""
     total = None
-    n = 0
+    n, w_sum = 0, 0.0
     for ex in examples:
-        logp = target_logprobs(model, ex)
-        s = -logp.sum()
+        logp = target_logprobs(model, ex)                                     # [1, Tt]
+        if ex.weights is None:
+            s, w = -logp.sum(), float(logp.numel())
+        else:
+            s, w = -(logp * ex.weights).sum(), ex.weight_sum
         total = s if total is None else total + s
         n += logp.numel()
-    return total / max(n, 1), n
+        w_sum += w
+    return total / (w_sum if w_sum > 0 else 1.0), n
 
 
 class SFTRunner(StageRunner):
@@ -89,9 +126,10 @@ class SFTRunner(StageRunner):
         with phase("data"):
             samples = self.usable(batch)
             most, pad = self.agree(samples)   # collective: ranks decide the same
-            examples = [build_sft_example(s, self.tokenizer, cfg.data, dev) for s in samples]
+            w = cfg.loss.sft_answer_weight
+            examples = [build_sft_example(s, self.tokenizer, cfg.data, dev, w) for s in samples]
             # ZeRO-3, fewer samples here than on another rank: as many stand-ins, weight 0.
-            stand_ins = ([build_sft_example(pad, self.tokenizer, cfg.data, dev)] * (most - len(samples))
+            stand_ins = ([build_sft_example(pad, self.tokenizer, cfg.data, dev, w)] * (most - len(samples))
                          if pad is not None else [])
         if not most:
             return self.skip_step(phase, NO_USABLE_SAMPLE)
