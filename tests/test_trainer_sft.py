@@ -187,7 +187,7 @@ def test_answer_weight_needs_a_fast_tokenizer():
 
     class Slow:
         def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
-            raise NotImplementedError("return_offset_mapping is not available")
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")  # transformers' words
 
     with pytest.raises(ValueError, match="loss.sft_answer_weight=3.0 needs a fast tokenizer"):
         answer_token_weights(Slow(), "<answer>A</answer>", 3.0)

@@ -226,11 +226,15 @@ def _color_track(rng: random.Random, duration: float) -> Track:
     return Track(rng.choice(COLOR_OPTIONS), rng.choice(SHAPES), size, p0, p1, 0.0, duration)
 
 
+def _check_task_set(tasks: str) -> None:
+    if tasks not in TASK_SETS:
+        raise ValueError(f"synthetic task set {tasks!r}: expected one of {TASK_SETS}")
+
+
 def generate(out_dir: str | Path, n: int = 64, seed: int = 0, tasks: str = "all") -> Path:
     """Write ``n`` clips and ``stgr.json`` into ``out_dir``; returns the JSON path. ``tasks``:
     the task set (``TASK_SETS``, see the module docstring)."""
-    if tasks not in TASK_SETS:
-        raise ValueError(f"synthetic task set {tasks!r}: expected one of {TASK_SETS}")
+    _check_task_set(tasks)
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     records = []
@@ -267,8 +271,7 @@ def ensure_synthetic(n: int = 64, seed: int = 0, cache: str | Path | None = None
                      tasks: str = "all") -> Path:
     """The dataset's JSON path, generating it first if the cache lacks it (atomic rename)."""
     root = Path(cache) if cache else default_cache()
-    if tasks not in TASK_SETS:
-        raise ValueError(f"synthetic task set {tasks!r}: expected one of {TASK_SETS}")
+    _check_task_set(tasks)
     final = root / f"synthetic-v{VERSION}-n{n}-s{seed}{_CACHE_SUFFIX[tasks]}"
     if (final / "stgr.json").is_file():
         return final / "stgr.json"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from visioncoach.grounding import _block
 from visioncoach.models.access import base_model
 from visioncoach.processor import sample_inputs
 from visioncoach.templates import sft_target
@@ -47,11 +48,10 @@ def answer_token_weights(tokenizer, text: str, answer_weight: float) -> tuple[li
     except NotImplementedError as e:     # a slow (python) tokenizer has no offsets
         raise ValueError(f"loss.sft_answer_weight={answer_weight} needs a fast tokenizer (token "
                          f"offsets), but {type(tokenizer).__name__} has none; set it to 1") from e
-    a = text.find("<answer>")
-    b = text.find("</answer>", a + len("<answer>")) if a >= 0 else -1
-    if b < 0:
+    span = _block(text, "answer")       # the answer block as the parser reads it
+    if span is None:
         return enc.input_ids, [1.0] * len(enc.input_ids)
-    a += len("<answer>")
+    a, b = span
     return enc.input_ids, [answer_weight if start < b and end > a else 1.0
                            for start, end in enc.offset_mapping]
 
