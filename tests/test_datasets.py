@@ -16,14 +16,49 @@ def synth(tmp_path_factory):
     return synthetic.ensure_synthetic(n=12, seed=0, cache=tmp_path_factory.mktemp("cache"))
 
 
+def _packets(path):
+    import av
+
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(video=0)]
+
+
 def test_generator_is_deterministic(synth, tmp_path):
+    """Same seed, same bytes: every clip's H.264 packets, not only one decoded clip (before
+    ``_yuv420p``, swscale's alignment-dependent conversion changed about one clip in twelve)."""
     again = synthetic.generate(tmp_path / "again", n=12, seed=0)
     assert json.loads(again.read_text()) == json.loads(synth.read_text())
+    for i in range(12):
+        name = f"videos/{i:05d}.mp4"
+        assert _packets(synth.parent / name) == _packets(again.parent / name), name
     a = decode(synth.parent / "videos" / "00003.mp4", nframes=6)
     b = decode(again.parent / "videos" / "00003.mp4", nframes=6)
     assert torch.equal(a.frames, b.frames)
     other = synthetic.generate(tmp_path / "other", n=12, seed=1)
     assert json.loads(other.read_text()) != json.loads(synth.read_text())
+
+
+def test_yuv_conversion_matches_what_decoders_assume():
+    """``_yuv420p`` is BT.601 limited range: luma within 1 of swscale's (which rounds
+    differently), and FFmpeg's YUV -> RGB brings a frame of 2 x 2 blocks back within 3 levels
+    (chroma is one sample per block, so nothing is lost to subsampling but rounding)."""
+    import av
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (42, 56, 3), dtype=np.uint8)
+    rgb = np.repeat(np.repeat(blocks, 2, 0), 2, 1)                       # [84, 112, 3]
+    ours = synthetic._yuv420p(rgb)                                       # [126, 112]
+    theirs = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(
+        format="yuv420p").to_ndarray()
+    assert ours.shape == theirs.shape == (126, 112)
+    assert np.abs(ours[:84].astype(int) - theirs[:84]).max() <= 1
+    back = av.VideoFrame.from_ndarray(ours, format="yuv420p").to_ndarray(format="rgb24")
+    assert np.abs(back.astype(int) - rgb).max() <= 3
+    # Misaligned input (the case swscale got wrong) converts to the same bytes.
+    buf = np.empty(rgb.size + 1, np.uint8)
+    shifted = buf[1:].reshape(rgb.shape)
+    shifted[:] = rgb
+    assert np.array_equal(synthetic._yuv420p(shifted), ours)
 
 
 def test_every_task_type_and_cache_reuse(synth):

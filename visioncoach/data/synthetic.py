@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 1
+# Bumped when the clips' bytes change, so a cache of old clips is never reused (v2: frames
+# converted to YUV by ``_yuv420p``, not by swscale).
+VERSION = 2
 WIDTH, HEIGHT, FPS = 112, 84, 8
 BACKGROUND = (40, 40, 40)
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 80, 230), "yellow": (230, 210, 30)}
@@ -110,6 +112,26 @@ def _tracks(rng: random.Random, duration: float) -> list[Track]:
     return tracks
 
 
+def _yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 RGB -> [H * 3 / 2, W] uint8 planar YUV 4:2:0 (Y, then U, then V).
+
+    BT.601 limited range (what decoders assume for an untagged stream), chroma from the mean
+    of each 2 x 2 block. Done here, not by FFmpeg: swscale's RGB -> YUV SIMD path depends on
+    the alignment of the input buffer, so the same frame drawn into a numpy array at another
+    address encoded to other bytes and the generator was not deterministic.
+    """
+    x = rgb.astype(np.float64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    h, w = rgb.shape[:2]
+    q = x.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    qr, qg, qb = q[..., 0], q[..., 1], q[..., 2]
+    u = 128 + (-37.797 * qr - 74.203 * qg + 112.0 * qb) / 255
+    v = 128 + (112.0 * qr - 93.786 * qg - 18.214 * qb) / 255
+    planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()])
+    return np.clip(np.rint(planes), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
+
 def _write_video(path: Path, tracks: list[Track], n_frames: int,
                  background: tuple[int, int, int] = BACKGROUND) -> None:
     import av
@@ -122,7 +144,7 @@ def _write_video(path: Path, tracks: list[Track], n_frames: int,
             frame[:] = background
             for tr in tracks:
                 _draw(frame, tr, i / FPS)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_yuv420p(frame), format="yuv420p")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
