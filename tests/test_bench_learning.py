@@ -107,10 +107,20 @@ def test_each_arm_resolves_to_what_it_says():
     differ = {k for k in gspo if gspo[k] != vp[k]}
     assert differ == {"vp.selector", "loss.sd_alpha", "output_dir"}, differ
     assert {k for k in vp if vp[k] != vp_max[k]} == {"reward.spatial_mode", "output_dir"}
-    # The same held-out clips for every seed, and seeds change the seed only.
+    # The same held-out clips for every seed, and seeds change the seeds only.
     other = _flat(_resolved("gspo", seed=2))
-    assert {k for k in gspo if gspo[k] != other[k]} == {"seed", "output_dir", "model.path"}
+    assert {k for k in gspo if gspo[k] != other[k]} == {"seed", "output_dir", "model.path",
+                                                       "data.synthetic_seed"}
     assert other["data.heldout_seed"] == gspo["data.heldout_seed"] >= 0
+    # RL trains on clips neither SFT run nor the held-out check uses, one epoch of them.
+    for seed in (0, 2):
+        rl, cold, first = (config_lib.load_config(bench.arm_overrides(a, seed, Path("/w")))
+                           for a in ("gspo", "sft", "align"))
+        clips = [config_lib.synthetic_seed(c) for c in (rl, cold, first)]
+        assert clips[1] == clips[2] == seed and clips[0] not in (seed, config_lib.heldout_seed(rl))
+        assert config_lib.heldout_seed(cold) == config_lib.heldout_seed(rl) != seed
+        assert rl.data.synthetic_samples == rl.optim.rl_steps * rl.rollout.prompts_per_step
+        assert cold.data.synthetic_samples == first.data.synthetic_samples == 64
 
 
 def test_confidence_interval_is_the_student_t_one():

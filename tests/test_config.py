@@ -87,6 +87,10 @@ def test_later_override_wins_and_file_then_cli_order(tmp_path):
     (["--log.profile_steps=5"], ["'log.profile_steps'"]),
     (["--optim.lr"], ["has no value"]),
     (["positional"], ["unexpected command-line argument 'positional'"]),
+    (["--data.synthetic_seed=-2"], ["'data.synthetic_seed'", "-1 for the run's seed"]),
+    # Training on the held-out clips would make the held-out check meaningless.
+    (["--seed=3", "--data.synthetic_seed=7922"], ["'data.synthetic_seed'", "(7922)", "data.heldout_seed"]),
+    (["--data.synthetic_seed=5", "--data.heldout_seed=5"], ["'data.synthetic_seed'", "held-out"]),
 ])
 def test_cli_errors_name_the_key(argv, fragments):
     with pytest.raises(C.ConfigError) as err:
@@ -144,3 +148,12 @@ def test_round_trip_through_yaml(tmp_path):
     f.write_text(C.to_yaml(cfg))
     again = C.load_config(["--config", str(f)])
     assert C.to_dict(again) == C.to_dict(cfg)
+
+
+def test_synthetic_and_heldout_seeds_follow_the_run_seed_unless_set():
+    cfg = C.load_config(["--seed=4"])
+    assert (C.synthetic_seed(cfg), C.heldout_seed(cfg)) == (4, 4 + 7919)
+    cfg = C.load_config(["--seed=4", "--data.synthetic_seed=104", "--data.heldout_seed=1000"])
+    assert (C.synthetic_seed(cfg), C.heldout_seed(cfg)) == (104, 1000)
+    # Without a held-out check the seeds may coincide.
+    C.load_config(["--data.synthetic_seed=5", "--data.heldout_seed=5", "--data.heldout_samples=0"])

@@ -141,3 +141,19 @@ def test_missing_videos_are_counted_not_fatal(tmp_path, synth):
         stgr.load_stgr(json_no_sft, synth.parent, sft=True)
     with pytest.raises(FileNotFoundError, match="data.dataset"):
         stgr.load_stgr(tmp_path / "absent.json")
+
+
+def test_training_clips_come_from_data_synthetic_seed(tmp_path, monkeypatch):
+    """``data.synthetic_seed`` picks the training clips (e.g. RL on clips its SFT never saw);
+    -1 keeps the run's seed."""
+    from visioncoach import config as C
+    from visioncoach.train import prepare_dataset
+
+    monkeypatch.setenv("VISIONCOACH_CACHE", str(tmp_path))
+    other = prepare_dataset(C.load_config(["--seed=4", "--data.synthetic_seed=104",
+                                           "--data.synthetic_samples=2"]), None)
+    own = prepare_dataset(C.load_config(["--seed=4", "--data.synthetic_samples=2"]), None)
+    assert other.path.parent.name == f"synthetic-v{synthetic.VERSION}-n2-s104"
+    assert own.path.parent.name == f"synthetic-v{synthetic.VERSION}-n2-s4"
+    assert other.records[0]["question"] != own.records[0]["question"] or \
+        other.records[0]["key_frames"] != own.records[0]["key_frames"]

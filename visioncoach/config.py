@@ -87,6 +87,10 @@ class DataConfig:
     # The synthetic generator's task set: `all` (every STGR task type) or `color` (the
     # learning benchmark's one-shape colour MCQ; visioncoach.data.synthetic).
     synthetic_tasks: Literal["all", "color"] = "all"
+    # The generator's seed for the training clips; -1: the run's seed. Another value gives a
+    # stage clips it has not seen, e.g. RL on other clips than its SFT cold start (as the paper's
+    # RL set is not its cold-start set).
+    synthetic_seed: int = -1
     # Synthetic datasets only: clips of another seed rolled out greedily (no visual prompts)
     # before and after each stage, every reward component's mean in summary.json. The seed
     # -1 means seed + 7919 (a fixed value keeps the same clips across runs of other seeds).
@@ -280,6 +284,16 @@ class Config:
 
 
 # Checks across fields, run after every override: (predicate, key, message).
+def synthetic_seed(cfg: Config) -> int:
+    """The synthetic generator's seed for the training clips (``data.synthetic_seed``)."""
+    return cfg.data.synthetic_seed if cfg.data.synthetic_seed >= 0 else cfg.seed
+
+
+def heldout_seed(cfg: Config) -> int:
+    """The synthetic generator's seed for the held-out clips (``data.heldout_seed``)."""
+    return cfg.data.heldout_seed if cfg.data.heldout_seed >= 0 else cfg.seed + 7919
+
+
 def _validate(cfg: Config) -> None:
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -295,6 +309,12 @@ def _validate(cfg: Config) -> None:
          f"got {cfg.data.max_pixels}")
     need(cfg.data.synthetic_samples >= 1, "data.synthetic_samples", "must be >= 1")
     need(cfg.data.heldout_samples >= 0, "data.heldout_samples", "must be >= 0 (0 = no held-out check)")
+    need(cfg.data.synthetic_seed >= -1, "data.synthetic_seed", f"must be >= 0, or -1 for the run's seed, "
+         f"got {cfg.data.synthetic_seed}")
+    if cfg.data.dataset == "synthetic" and cfg.data.heldout_samples:
+        need(synthetic_seed(cfg) != heldout_seed(cfg), "data.synthetic_seed",
+             f"the training clips' seed ({synthetic_seed(cfg)}) is the held-out clips' seed "
+             "(data.heldout_seed): the held-out check would score clips the model trains on")
     need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step",
          f"must be >= 1, got {cfg.rollout.prompts_per_step}")
     for key in ("sft_steps", "rl_steps"):

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg.stage = args.stage or ("rl" if cfg.stage == "rl" else "sft")
     try:
-        dataset = load_configured(cfg.data, cfg.seed, sft=cfg.stage == "sft")
+        dataset = load_configured(cfg.data, config_lib.synthetic_seed(cfg), sft=cfg.stage == "sft")
         tokenizer = _tokenizer(cfg.model)
     except (DatasetError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
