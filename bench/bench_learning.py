@@ -42,8 +42,8 @@ checkpoint per seed), the training reward per step, hard fraction, VP re-rollout
 distilled rows per step, wall time. Prints a table, appends rows to
 ``bench/results/learning.csv`` (the schema of bench/_common.py: per-run numbers and per-step
 curves) and draws ``bench/results/learning.png`` (training reward vs step per arm, the band
-spanning the seeds; held-out reward per arm with its interval) when matplotlib is installed
-(``pip install -e .[bench]``).
+spanning the seeds; the paired held-out difference to the control per RL arm, per seed and
+its mean with the interval) when matplotlib is installed (``pip install -e .[bench]``).
 
     python bench/bench_learning.py                       # 3 seeds, sft / gspo / gspo+vp+sd
     python bench/bench_learning.py --arms gspo --seeds 0 # one arm, one seed (its SFT first)
@@ -299,13 +299,19 @@ def plot(rows: list[dict], arms: list[str], agg: list[dict], workdir: Path, path
     ax.set_ylabel("training reward (raw rollouts, 5-step mean)")
     ax.set_title(f"training reward: mean over seeds, band = min..max of {len({r['seed'] for r in rows})} seeds")
     ax.legend(fontsize=8)
-    names = [a["label"] for a in agg]
-    bx.bar(range(len(agg)), [a["total"] for a in agg],
-           yerr=[0 if math.isnan(a["total_ci"]) else a["total_ci"] for a in agg], capsize=4,
-           color=[_color(a["arm"]) for a in agg])
-    bx.set_xticks(range(len(agg)), names, rotation=20, ha="right", fontsize=8)
-    bx.set_ylabel("held-out reward (greedy, no VP)")
-    bx.set_title("held-out total reward, 95% CI over seeds")
+    # The paired difference is the benchmark's question (same SFT checkpoint per seed); the
+    # arms' own intervals also carry how differently the seeds' SFT runs ended.
+    rl_agg = [a for a in agg if a.get("vs_sft") is not None]
+    control = {r["seed"]: r["total"] for r in rows if r["arm"] == "sft"}
+    for i, a in enumerate(rl_agg):
+        h = a["vs_sft_ci"]
+        bx.bar(i, a["vs_sft"], yerr=0 if math.isnan(h) else h, capsize=4, color=_color(a["arm"]), alpha=0.7)
+        diffs = [r["total"] - control[r["seed"]] for r in rows if r["arm"] == a["arm"] and r["seed"] in control]
+        bx.plot([i] * len(diffs), diffs, "k.", markersize=8)
+    bx.axhline(0, color="gray", linewidth=0.8)
+    bx.set_xticks(range(len(rl_agg)), [a["label"] for a in rl_agg], rotation=15, ha="right", fontsize=8)
+    bx.set_ylabel("held-out total reward - control (greedy, no VP)")
+    bx.set_title("after RL minus the same seed's SFT control\n(dots: seeds; bar: mean, 95% CI)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
