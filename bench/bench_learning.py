@@ -16,8 +16,8 @@ have something to score), per seed:
 3. from that checkpoint, each RL arm with the same steps, prompts and rollouts
    (``--stage=rl --model.path=<the SFT run>``), on clips the SFT runs never saw (as the
    paper's RL set is not its cold-start set): ``RL_CLIPS`` clips of generator seed
-   ``RL_SEED_OFFSET + seed``, one epoch. RL on the cold start's own 64 clips, which the SFT
-   runs had fit, moved the held-out reward by noise only (README "Does it learn?"):
+   ``RL_SEED_OFFSET + seed``, one epoch (RL on the cold start's own 64 clips, which the SFT
+   runs had fit, moved the held-out reward by noise only: README "Does it learn?"). The arms:
 
    =============  ==================================================================
    sft            the control: the SFT checkpoint, no RL update
@@ -169,8 +169,11 @@ def command(overrides: list[str]) -> list[str]:
 
 
 def run_stamp(overrides: list[str]) -> dict:
-    """What a reusable run must match: its overrides, and when the run it starts from
-    (``--model.path``) started, so a run over a base that was redone since is redone too."""
+    """What a reusable run must match: its overrides, when the run it starts from
+    (``--model.path``) started, so a run over a base that was redone since is redone too, and
+    the synthetic generator's version (a run on other clips is not this run)."""
+    from visioncoach.data.synthetic import VERSION
+
     base = next((o.split("=", 1)[1] for o in overrides if o.startswith("--model.path=")), None)
     started = None
     if base is not None:
@@ -178,7 +181,7 @@ def run_stamp(overrides: list[str]) -> dict:
             started = json.loads((Path(base) / "summary.json").read_text())["segments"][-1]["started"]
         except (OSError, ValueError, KeyError, IndexError):
             pass
-    return {"overrides": overrides, "base_started": started}
+    return {"overrides": overrides, "base_started": started, "clips": VERSION}
 
 
 def completed(out: Path, stamp: dict) -> dict | None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from visioncoach import config as config_lib
+from visioncoach.data import synthetic
 from visioncoach.data.synthetic import COLOR_OPTIONS, COLORS, HEIGHT, SHAPES, WIDTH, generate
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -159,9 +160,10 @@ def test_heldout_evaluation_is_deterministic(tmp_path, monkeypatch):
     assert model.training   # put back as it was
 
 
-def test_a_run_is_reused_only_over_the_same_base(tmp_path):
-    """A finished run is reused when its overrides match and the run it starts from has not
-    been redone since; redoing the base (a new start time) makes it stale."""
+def test_a_run_is_reused_only_over_the_same_base(tmp_path, monkeypatch):
+    """A finished run is reused when its overrides match, the run it starts from has not
+    been redone since and the synthetic clips are the same version; redoing the base (a new
+    start time) makes it stale."""
     base, out = tmp_path / "base", tmp_path / "out"
     for d in (base, out):
         d.mkdir()
@@ -173,11 +175,15 @@ def test_a_run_is_reused_only_over_the_same_base(tmp_path):
     finish(base, "2026-12-06T10:00:00+00:00")
     overrides = ["--seed=0", f"--model.path={base}"]
     stamp = bench.run_stamp(overrides)
-    assert stamp == {"overrides": overrides, "base_started": "2026-12-06T10:00:00+00:00"}
+    assert stamp == {"overrides": overrides, "base_started": "2026-12-06T10:00:00+00:00",
+                     "clips": synthetic.VERSION}
     finish(out, "2026-12-06T10:05:00+00:00")
     (out / "bench_overrides.json").write_text(json.dumps(stamp))
     assert bench.completed(out, bench.run_stamp(overrides)) is not None
     assert bench.completed(out, bench.run_stamp(["--seed=1", f"--model.path={base}"])) is None
+    monkeypatch.setattr(synthetic, "VERSION", synthetic.VERSION + 1)  # the clips changed
+    assert bench.completed(out, bench.run_stamp(overrides)) is None
+    monkeypatch.undo()
     finish(base, "2026-12-06T11:00:00+00:00")            # the base was redone
     assert bench.completed(out, bench.run_stamp(overrides)) is None
     # A run without a base, and a base that is not there (yet): None for the base.

@@ -89,8 +89,11 @@ def test_later_override_wins_and_file_then_cli_order(tmp_path):
     (["positional"], ["unexpected command-line argument 'positional'"]),
     (["--data.synthetic_seed=-2"], ["'data.synthetic_seed'", "-1 for the run's seed"]),
     # Training on the held-out clips would make the held-out check meaningless.
-    (["--seed=3", "--data.synthetic_seed=7922"], ["'data.synthetic_seed'", "(7922)", "data.heldout_seed"]),
+    (["--seed=3", "--data.synthetic_seed=7922"], ["'data.synthetic_seed'", "(7922, from data.synthetic_seed)",
+                                                   "data.heldout_seed"]),
     (["--data.synthetic_seed=5", "--data.heldout_seed=5"], ["'data.synthetic_seed'", "held-out"]),
+    (["--seed=5", "--data.heldout_seed=5"], ["(5, from seed, as data.synthetic_seed is -1)"]),
+    (["--data.heldout_seed=-5"], ["'data.heldout_seed'", "-1 for seed + 7919"]),
 ])
 def test_cli_errors_name_the_key(argv, fragments):
     with pytest.raises(C.ConfigError) as err:

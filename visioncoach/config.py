@@ -87,9 +87,9 @@ class DataConfig:
     # The synthetic generator's task set: `all` (every STGR task type) or `color` (the
     # learning benchmark's one-shape colour MCQ; visioncoach.data.synthetic).
     synthetic_tasks: Literal["all", "color"] = "all"
-    # The generator's seed for the training clips; -1: the run's seed. Another value gives a
-    # stage clips it has not seen, e.g. RL on other clips than its SFT cold start (as the paper's
-    # RL set is not its cold-start set).
+    # The generator's seed for the training clips (ignored for file datasets); -1: the run's
+    # seed. Another value gives a stage clips it has not seen, e.g. RL on other clips than its
+    # SFT cold start (as the paper's RL set is not its cold-start set).
     synthetic_seed: int = -1
     # Synthetic datasets only: clips of another seed rolled out greedily (no visual prompts)
     # before and after each stage, every reward component's mean in summary.json. The seed
@@ -283,7 +283,6 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-# Checks across fields, run after every override: (predicate, key, message).
 def synthetic_seed(cfg: Config) -> int:
     """The synthetic generator's seed for the training clips (``data.synthetic_seed``)."""
     return cfg.data.synthetic_seed if cfg.data.synthetic_seed >= 0 else cfg.seed
@@ -294,6 +293,7 @@ def heldout_seed(cfg: Config) -> int:
     return cfg.data.heldout_seed if cfg.data.heldout_seed >= 0 else cfg.seed + 7919
 
 
+# Checks across fields, run once all overrides are applied.
 def _validate(cfg: Config) -> None:
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -311,10 +311,14 @@ def _validate(cfg: Config) -> None:
     need(cfg.data.heldout_samples >= 0, "data.heldout_samples", "must be >= 0 (0 = no held-out check)")
     need(cfg.data.synthetic_seed >= -1, "data.synthetic_seed", f"must be >= 0, or -1 for the run's seed, "
          f"got {cfg.data.synthetic_seed}")
+    need(cfg.data.heldout_seed >= -1, "data.heldout_seed", f"must be >= 0, or -1 for seed + 7919, "
+         f"got {cfg.data.heldout_seed}")
     if cfg.data.dataset == "synthetic" and cfg.data.heldout_samples:
+        source = ("data.synthetic_seed" if cfg.data.synthetic_seed >= 0
+                  else "seed, as data.synthetic_seed is -1")
         need(synthetic_seed(cfg) != heldout_seed(cfg), "data.synthetic_seed",
-             f"the training clips' seed ({synthetic_seed(cfg)}) is the held-out clips' seed "
-             "(data.heldout_seed): the held-out check would score clips the model trains on")
+             f"the training clips' seed ({synthetic_seed(cfg)}, from {source}) is the held-out clips' "
+             "seed (data.heldout_seed): the held-out check would score clips the model trains on")
     need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step",
          f"must be >= 1, got {cfg.rollout.prompts_per_step}")
     for key in ("sft_steps", "rl_steps"):

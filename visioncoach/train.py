@@ -61,10 +61,9 @@ def param_checksum(model: torch.nn.Module) -> torch.Tensor:
 def prepare_dataset(cfg, dist_info, sft: bool | None = None):
     """The STGR dataset of ``data.dataset`` (``data.stgr.load_configured``). ``sft``: require
     SFT reasoning in every record (default: unless the stage is RL only)."""
-    from visioncoach.config import synthetic_seed
     from visioncoach.data.stgr import load_configured
 
-    return load_configured(cfg.data, synthetic_seed(cfg), sft=cfg.stage != "rl" if sft is None else sft,
+    return load_configured(cfg.data, config_lib.synthetic_seed(cfg), sft=cfg.stage != "rl" if sft is None else sft,
                            dist_info=dist_info)
 
 
@@ -79,9 +78,7 @@ def _heldout_set(cfg, dist_info):
 
     import torch.distributed as dist
 
-    from visioncoach.config import heldout_seed
-
-    seed = heldout_seed(cfg)
+    seed = config_lib.heldout_seed(cfg)
     n, tasks = cfg.data.heldout_samples, cfg.data.synthetic_tasks
     if dist_info.is_main:
         ensure_synthetic(n, seed, tasks=tasks)

@@ -116,14 +116,17 @@ def _yuv420p(rgb: np.ndarray) -> np.ndarray:
     """[H, W, 3] uint8 RGB -> [H * 3 / 2, W] uint8 planar YUV 4:2:0 (Y, then U, then V).
 
     BT.601 limited range (what decoders assume for an untagged stream), chroma from the mean
-    of each 2 x 2 block. Done here, not by FFmpeg: swscale's RGB -> YUV SIMD path depends on
-    the alignment of the input buffer, so the same frame drawn into a numpy array at another
-    address encoded to other bytes and the generator was not deterministic.
+    of each 2 x 2 block. Done here, not by FFmpeg: with RGB frames, the conversion in PyAV's
+    encode gave other bytes for the same frames from run to run (one or two clips in twelve;
+    ``VideoFrame.reformat`` also changes its output with the input buffer's address), so the
+    generator was not deterministic. The encoder then gets its own pixel format: no conversion.
     """
+    h, w = rgb.shape[:2]
+    if h % 2 or w % 2:
+        raise ValueError(f"4:2:0 needs an even frame size, got {w} x {h}")
     x = rgb.astype(np.float64)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
-    h, w = rgb.shape[:2]
     q = x.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
     qr, qg, qb = q[..., 0], q[..., 1], q[..., 2]
     u = 128 + (-37.797 * qr - 74.203 * qg + 112.0 * qb) / 255
